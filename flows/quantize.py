@@ -1,0 +1,48 @@
+"""The quantize flow: params -> data -> float model -> PTQ or QAT -> convert -> QDQ export -> verify -> TIDL bundle.
+
+Every stage runs through the content-addressed cache (`tasks.cache.StageRunner`); publish never does. A gate failure
+fails the flow after the summary is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from tasks.cache import StageRunner
+from tasks.calibrate import calibrate_task
+from tasks.convert import convert_task
+from tasks.errors import GateFailed
+from tasks.evaluate_float import evaluate_float_task
+from tasks.export_qdq import export_qdq_task
+from tasks.float_model import float_model_task
+from tasks.params import load_params
+from tasks.prepare_data import prepare_data_task
+from tasks.publish import publish_task
+from tasks.tidl_bundle import tidl_bundle_task
+from tasks.train_qat import train_qat_task
+from tasks.verify_onnx import verify_onnx_task
+
+
+@flow(name="quantize", log_prints=True)
+def quantize(params_path: str | None = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quantize one model as `params_path` (plus dotted `overrides`) says; return the run's summary."""
+    p = load_params(params_path, overrides)
+    stages = StageRunner(p.stage_root)
+    data = stages.run(prepare_data_task, p.data)
+    model = stages.run(float_model_task, p.model, p.float_train, data)
+    float_eval = stages.run(evaluate_float_task, p.export, model, data)
+    if p.quant.mode == "qat":
+        prepared = stages.run(train_qat_task, p.quant, p.qat, model, data)
+    else:
+        prepared = stages.run(calibrate_task, p.quant, model, data)
+    int8 = stages.run(convert_task, prepared, model, data)
+    qdq = stages.run(export_qdq_task, p.export, int8, prepared, model)
+    stages.run(verify_onnx_task, p.verify, qdq, float_eval, int8, data)
+    stages.run(tidl_bundle_task, p.tidl, qdq, data)
+    summary = publish_task(p, stages.manifests, stages.timings)
+    if not summary["gate"]["passed"]:
+        raise GateFailed(f"{summary['model']}: the quality gate failed: {'; '.join(summary['gate']['reasons'])}. "
+                         f"The report is in {p.model_dir / 'summary.json'}.")
+    return summary

@@ -1,0 +1,235 @@
+"""The float models: two built-in architectures, user models from an import path, weights, and the checks that
+turn a model the pipeline cannot handle into a clear error before any work is spent on it."""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import re
+import traceback
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from tasks import files
+from tasks.errors import UserError
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(nn.ReLU6())
+    return nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual add when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_residual = stride == 1 and cin == cout
+        layers = [_conv_bn(cin, hidden, 1)] if expand != 1 else []
+        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), _conv_bn(hidden, cout, 1, act=False)]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.use_residual else self.block(x)
+
+
+class MobileNetV2Tiny(nn.Module):
+    """A small MobileNetV2-style classifier: depthwise separable blocks, ReLU6, residual adds (about 23k params)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv_bn(in_channels, 16, 3, 2),
+            InvertedResidual(16, 16, 1, 1),
+            InvertedResidual(16, 24, 2, 3),
+            InvertedResidual(24, 24, 1, 3),
+            InvertedResidual(24, 32, 2, 3),
+            InvertedResidual(32, 32, 1, 3),
+            _conv_bn(32, 64, 1),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with BN, a projection shortcut when the shape changes, add, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(y + self.shortcut(x))
+
+
+class ResNetTiny(nn.Module):
+    """A small ResNet-style classifier: a stem and three basic blocks (16, 32, 48 channels)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layers = nn.Sequential(BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 48, 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+BUILTINS: dict[str, Callable[..., nn.Module]] = {"mobilenet_v2_tiny": MobileNetV2Tiny, "resnet_tiny": ResNetTiny}
+
+
+def build(spec: dict[str, Any]) -> nn.Module:
+    """A fresh float model from a model.json spec: {source, kwargs, num_classes, in_channels}."""
+    source = spec["source"]
+    if source in BUILTINS:
+        return BUILTINS[source](num_classes=spec["num_classes"], in_channels=spec["in_channels"])
+    model = resolve_callable(source)(**spec.get("kwargs", {}))
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.source {source!r} returned a {type(model).__name__}, not a torch.nn.Module. "
+                        "Point it at a function or class that builds the model.")
+    return model
+
+
+def load(model_dir: Path) -> nn.Module:
+    """The float model of a float_model stage folder, weights loaded, in eval mode."""
+    model = build(files.read_json(Path(model_dir) / "model.json"))
+    model.load_state_dict(torch.load(Path(model_dir) / "float.pt", weights_only=True))
+    return model.eval()
+
+
+def resolve_callable(source: str) -> Callable[..., Any]:
+    """Import `package.module:callable`; a UserError that says which part did not resolve."""
+    module_name, _, attr = source.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"model.source {source!r}: module {module_name!r} cannot be imported ({exc}). Install the "
+                        "package or put it on PYTHONPATH, or use a built-in model.") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"model.source {source!r}: module {module_name!r} has no callable {attr!r}. "
+                        "Check the name after the ':'.")
+    return fn
+
+
+def load_weights(model: nn.Module, path: Path, field: str = "model.weights") -> None:
+    """Load a state_dict file into `model` without executing pickles; a UserError on any mismatch."""
+    where = f"{field} {str(path)!r}"
+    if not Path(path).is_file():
+        raise UserError(f"{where} does not exist. Give the path of a state_dict saved with torch.save.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(exc), re.S)
+        reason = found.group(1).strip() if found else _first_line(exc)
+        raise UserError(f"{where} cannot be loaded as a tensor-only state_dict (torch.load with weights_only=True: "
+                        f"{reason}). Save it with torch.save(model.state_dict(), path).") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{where} is not a state_dict (a mapping of names to tensors). Save it with "
+                        "torch.save(model.state_dict(), path).")
+    result = _load_strict(model, state)
+    if result:
+        raise UserError(f"{where} does not match the model: {result}. Use the weights trained for this architecture.")
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{label} {', '.join(items[:5])}{more}")
+    if not problems:
+        model.load_state_dict(state)
+    return "; ".join(problems)
+
+
+def check_model(model: nn.Module, input_shape: list[int], num_classes: int, source: str) -> None:
+    """Fail early, with a clear message, on a model the pipeline cannot quantize or export."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(input_shape))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the model rejects the input
+        raise UserError(f"model {source!r} rejects an input of shape {tuple(input_shape)} (from data.image_size and "
+                        f"the data's channels): {_first_line(exc)}. Set data.image_size / data.channels to what the "
+                        "model expects.") from None
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"model {source!r} returns a {type(out).__name__}; tidlq needs one tensor of logits "
+                        f"(N, num_classes). Wrap the model so that forward returns only the logits.")
+    if tuple(out.shape) != (input_shape[0], num_classes):
+        raise UserError(f"model {source!r} returns shape {tuple(out.shape)} but the data has {num_classes} classes; "
+                        f"expected ({input_shape[0]}, {num_classes}). Set the model's number of classes "
+                        "(model.kwargs) to match the data.")
+    trace_or_explain(model, source)
+
+
+class _PathTracer(torch.fx.Tracer):
+    """An FX tracer that remembers which submodule it was tracing when tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        self.stack.append(self.path_of_module(m) if m is not self.root else "")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def trace_or_explain(model: nn.Module, source: str) -> None:
+    """Symbolically trace `model`; on failure a UserError naming the submodule and the line of code."""
+    tracer = _PathTracer()
+    try:
+        tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 - FX raises many types (TraceError, TypeError, ...)
+        raise UserError(explain_trace_failure(exc, source, tracer.failed_in)) from None
+
+
+def explain_trace_failure(exc: BaseException, source: str, module_path: str | None = None) -> str:
+    """The message for a model torch.fx cannot trace: the submodule, the user's line of code, FX's reason."""
+    where = f"submodule {module_path!r}" if module_path else "the model's forward"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    line = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+    return (f"model {source!r} cannot be traced by torch.fx in {where}{line}: {_first_line(exc)}. FX graph mode "
+            "quantization needs a forward without data-dependent control flow; move that logic out of forward or "
+            "mark the submodule as a leaf.")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

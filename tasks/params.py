@@ -1,0 +1,250 @@
+"""The one schema of params.yaml: loaded once, validated up front, one section per stage.
+
+`load_params("params.yaml", {"quant.mode": "qat"})` returns a validated `Params`; any problem raises `UserError`
+with a message that names the file and the field, and says what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import UserError
+
+BUILTIN_MODELS = ("mobilenet_v2_tiny", "resnet_tiny")
+TARGET_DEVICES = ("am62a", "am67a", "am68a", "am69a", "tda4vm", "am68pa")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class Section(BaseModel):
+    """A params section: unknown keys are errors; a validated section cannot be changed afterwards."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    """Where the images come from and how they are split."""
+
+    source: str = Field("digits", description="'digits' (bundled with scikit-learn), a folder of class sub-folders, "
+                        "or an .npz file with arrays x and y")
+    image_size: int = Field(32, ge=8, le=1024, description="images are resized to image_size x image_size")
+    channels: Literal[1, 3] | None = Field(None, description="1 or 3; empty: taken from the source")
+    val_fraction: float = Field(0.2, gt=0, lt=0.9)
+    calib_fraction: float = Field(0.15, gt=0, lt=0.9)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> DataParams:
+        if self.val_fraction + self.calib_fraction > 0.8:
+            raise ValueError("val_fraction + calib_fraction must be at most 0.8 so that training data remains")
+        return self
+
+
+class ModelParams(Section):
+    """Which float model to quantize."""
+
+    source: str = Field("mobilenet_v2_tiny", description="a built-in name or package.module:callable")
+    weights: str | None = Field(None, description="a state_dict file; empty: train the model on the train split")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for a package.module:callable")
+    name: str | None = Field(None, description="name used for outputs; empty: derived from source")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v not in BUILTIN_MODELS and not _IMPORT_PATH.match(v):
+            raise ValueError(f"must be a built-in model ({', '.join(BUILTIN_MODELS)}) or an import path "
+                             f"'package.module:callable', got {v!r}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a folder)")
+        return v
+
+    @property
+    def display_name(self) -> str:
+        """The model's name in outputs: `name`, or the built-in name, or the callable's name."""
+        return self.name or self.source.rsplit(":", 1)[-1]
+
+
+class FloatTrainParams(Section):
+    """Float training of a model given without weights."""
+
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+
+
+class QuantParams(Section):
+    """The quantization recipe shared by PTQ and QAT."""
+
+    mode: Literal["ptq", "qat"] = "ptq"
+    qconfig: Literal["qnnpack", "x86", "tidl"] = "tidl"
+    calibration_batches: int = Field(8, ge=1, description="PTQ: number of calib batches fed to the observers")
+    batch_size: int = Field(32, ge=1)
+
+
+class QatParams(Section):
+    """Quantization-aware training (SGD, BN and observer freeze schedule)."""
+
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.002, gt=0, description="about 1-2 % of the float learning rate, as TI recommends")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    freeze_bn_epoch: int | None = Field(None, ge=0, description="epoch after which BN statistics freeze; "
+                                        "empty: half of the epochs")
+    freeze_observer_epoch: int | None = Field(None, ge=0, description="epoch after which observers freeze; "
+                                              "empty: half of the epochs + 1")
+    seed: int = 0
+
+
+class ExportParams(Section):
+    """ONNX export (TorchScript exporter, static shape)."""
+
+    opset: int = Field(17, ge=13, le=19, description="13-19: per-channel Q/DQ needs 13, ORT-TIDL reads up to 19")
+
+
+class VerifyParams(Section):
+    """The quality gate on the exported QDQ model in onnxruntime."""
+
+    max_accuracy_drop: float = Field(1.0, ge=0, description="points of accuracy the int8 model may lose")
+    min_sqnr_db: float = Field(20.0, description="minimum SQNR of int8 logits against float logits, in dB")
+
+
+class TidlParams(Section):
+    """TIDL compile options for the target device."""
+
+    target_device: Literal["am62a", "am67a", "am68a", "am69a", "tda4vm", "am68pa"] = "am68a"
+    calibration_frames: int = Field(4, ge=1, le=1000)
+    calibration_iterations: int = Field(1, ge=-1)
+
+
+class Params(Section):
+    """Everything in params.yaml."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    float_train: FloatTrainParams = Field(default_factory=FloatTrainParams)
+    quant: QuantParams = Field(default_factory=QuantParams)
+    qat: QatParams = Field(default_factory=QatParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+    verify: VerifyParams = Field(default_factory=VerifyParams)
+    tidl: TidlParams = Field(default_factory=TidlParams)
+    output_dir: Path = Path("outputs")
+
+    @property
+    def model_dir(self) -> Path:
+        """Where this model's published outputs go: `<output_dir>/<model name>`."""
+        return self.output_dir / self.model.display_name
+
+    @property
+    def stage_root(self) -> Path:
+        """Where the content-addressed stage folders live."""
+        return self.output_dir / ".stages"
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read params.yaml (or start from defaults when `path` is None), apply dotted overrides, validate."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        raw = _read_yaml(Path(path))
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_explain(exc, where, overrides or {})) from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ["quant.mode=qat", "qat.epochs=2"] into {"quant.mode": "qat", "qat.epochs": 2} (values read as YAML)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. --set quant.mode=qat")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """`{"quant.mode": "ptq", ...}`: every leaf of the params as a dotted key (for logs and tracking)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict) and obj:
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = obj
+
+    walk("", params.model_dump(mode="json"))
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"params file {str(path)!r} not found. Pass an existing file with -p, e.g. -p params.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc}). Fix the file's syntax.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (data, model, quant, ...), got {type(raw).__name__}.")
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {dotted!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, f"{dotted}."))
+    return keys
+
+
+def _explain(exc: ValidationError, where: str, overrides: dict[str, Any]) -> str:
+    known = _known_keys(Params)
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(top level)"
+        origin = f"--set {loc}" if loc in overrides else where
+        if err["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(loc, known, n=1)
+            did_you_mean = f"; did you mean {hint[0]!r}?" if hint else "; remove it."
+            lines.append(f"{origin}: unknown key {loc!r}{did_you_mean}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{origin}: {loc}: {msg} (got {err.get('input')!r}).")
+    return "invalid params:\n  " + "\n  ".join(lines)

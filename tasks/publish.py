@@ -1,0 +1,81 @@
+"""Stage publish: the run's outputs in `<output_dir>/<model name>/`, with `summary.json`. Never cached: it is the
+run's side effect, and it is what a person or a script reads after a run.
+
+The folder holds `summary.json`, `model_qdq.onnx`, `float.onnx`, `float.pt`, `int8.pt`, `params.json` (the
+validated params of the run) and `tidl/` (the bundle). It is replaced in one rename.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import files
+from tasks.cache import Manifest
+from tasks.params import Params, flatten
+
+# (stage, file in its folder) -> name in the published folder
+PUBLISHED_FILES = {
+    ("export_qdq", "model_qdq.onnx"): "model_qdq.onnx",
+    ("evaluate_float", "float.onnx"): "float.onnx",
+    ("float_model", "float.pt"): "float.pt",
+    ("convert", "int8.pt"): "int8.pt",
+}
+
+
+def run(params: Params, stages: dict[str, Manifest], timings: dict[str, dict]) -> dict[str, Any]:
+    """Copy the artifacts to the model's output folder and write summary.json; return the summary."""
+    final = params.model_dir.resolve()
+    summary = build_summary(params, stages, timings, final)
+    with files.atomic_dir(final) as tmp:
+        for (stage, name), published in PUBLISHED_FILES.items():
+            shutil.copyfile(stages[stage].path(name), tmp / published)
+        shutil.copytree(stages["tidl_bundle"].path("tidl"), tmp / "tidl")
+        files.write_json(tmp / "params.json", params.model_dump(mode="json"))
+        files.write_json(tmp / "summary.json", summary)
+    return summary
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(params: Params, stages: dict[str, Manifest], timings: dict[str, dict]) -> dict[str, Any]:
+    """Prefect task around `run` (not cached)."""
+    return run(params, stages, timings)
+
+
+def build_summary(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], final: Path) -> dict:
+    """summary.json: the numbers every run reports (ARCHITECTURE.md), the stages, and where the artifacts are."""
+    verify = files.read_json(stages["verify_onnx"].path("verify.json"))
+    data = files.read_json(stages["prepare_data"].path("data.json"))
+    model = files.read_json(stages["float_model"].path("model.json"))
+    float_metrics = files.read_json(stages["evaluate_float"].path("float_metrics.json"))
+    tidl = stages["tidl_bundle"].info
+    return {
+        "model": model["name"],
+        "mode": params.quant.mode,
+        "qconfig": params.quant.qconfig,
+        "target_device": params.tidl.target_device,
+        "float": {"accuracy": float_metrics["accuracy"], "loss": float_metrics["loss"]},
+        "int8": verify["int8"],
+        "accuracy_drop": verify["accuracy_drop"],
+        "torch_int8": verify["torch_int8"],
+        "torch_vs_ort": verify["torch_vs_ort"],
+        "gate": verify["gate"],
+        "warnings": verify["warnings"],
+        "tidl": {"compat": tidl["compat"], "quantization_scale_type":
+                 tidl["options"]["advanced_options:quantization_scale_type"]},
+        "dataset": {"digest": data["digest"], "source": data["source"], "sizes": data["sizes"],
+                    "input_shape": data["input_shape"], "normalisation": data["normalisation"]},
+        "params_digest": files.sha256_json(flatten(params)),
+        "stages": timings,
+        "stage_keys": {name: m.key for name, m in stages.items()},
+        "artifacts": {
+            "qdq_onnx": str(final / "model_qdq.onnx"),
+            "float_onnx": str(final / "float.onnx"),
+            "tidl_options": str(final / "tidl" / "compile_options.yaml"),
+            "tidl_bundle": str(final / "tidl"),
+        },
+    }
