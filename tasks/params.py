@@ -239,7 +239,8 @@ def _explain(exc: ValidationError, where: str, overrides: dict[str, Any]) -> str
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "(top level)"
-        origin = f"--set {loc}" if loc in overrides else where
+        matches = [k for k in overrides if k == loc or k.startswith(f"{loc}.")]
+        origin = f"--set {', '.join(matches)}" if matches else where
         if err["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(loc, known, n=1)
             did_you_mean = f"; did you mean {hint[0]!r}?" if hint else "; remove it."

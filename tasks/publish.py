@@ -46,6 +46,18 @@ def publish_task(params: Params, stages: dict[str, Manifest], timings: dict[str,
     return run(params, stages, timings)
 
 
+def compat_warnings(counts: dict[str, int], device: str) -> list[str]:
+    """A warning when the TIDL lint found something TIDL would reject or run on the Arm cores."""
+    notes = []
+    if counts["reject"]:
+        notes.append(f"TIDL lint: {counts['reject']} finding(s) would make TIDL reject the model or compile it wrongly "
+                     f"for {device}; see tidl/compat.json.")
+    if counts["arm"]:
+        notes.append(f"TIDL lint: {counts['arm']} node(s) will run on the Arm cores, not on TIDL; "
+                     "see tidl/compat.json.")
+    return notes
+
+
 def build_summary(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], final: Path) -> dict:
     """summary.json: the numbers every run reports (ARCHITECTURE.md), the stages, and where the artifacts are."""
     verify = files.read_json(stages["verify_onnx"].path("verify.json"))
@@ -64,7 +76,7 @@ def build_summary(params: Params, stages: dict[str, Manifest], timings: dict[str
         "torch_int8": verify["torch_int8"],
         "torch_vs_ort": verify["torch_vs_ort"],
         "gate": verify["gate"],
-        "warnings": verify["warnings"],
+        "warnings": verify["warnings"] + compat_warnings(tidl["compat"], params.tidl.target_device),
         "tidl": {"compat": tidl["compat"], "quantization_scale_type":
                  tidl["options"]["advanced_options:quantization_scale_type"]},
         "dataset": {"digest": data["digest"], "source": data["source"], "sizes": data["sizes"],

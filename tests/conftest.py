@@ -1,0 +1,47 @@
+"""Shared fixtures. Prefect state (database, cached results) lives in a temporary PREFECT_HOME per test session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+
+from tasks.params import Params, load_params
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the project root: params.yaml, README.md
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tidlq-test-prefect-")
+    os.environ["DO_NOT_TRACK"] = "1"
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")
+
+
+# Small and fast, but a real run: every stage executes on real data.
+FAST = {
+    "float_train.epochs": 3,
+    "qat.epochs": 1,
+    "quant.calibration_batches": 2,
+    "verify.max_accuracy_drop": 100.0,
+    "verify.min_sqnr_db": -100.0,
+}
+
+
+@pytest.fixture
+def fast_params(tmp_path: Path) -> Params:
+    """Defaults with few epochs and a permissive gate, outputs in tmp_path."""
+    return load_params(None, FAST | {"output_dir": str(tmp_path / "outputs")})
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """A real Prefect API server (temporary SQLite database) for the whole session; its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()

@@ -1,0 +1,89 @@
+"""The quantize flow against a real Prefect server: quality on the defaults, and the stage cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import yaml
+
+from flows.quantize import quantize
+from tasks import files
+from tasks.errors import GateFailed
+from tasks.export_qdq import FORBIDDEN_OPS
+from tests.conftest import FAST, PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+STAGES = ["prepare_data", "float_model", "evaluate_float", "calibrate", "convert", "export_qdq", "verify_onnx",
+          "tidl_bundle"]
+QAT_STAGES = [s if s != "calibrate" else "train_qat" for s in STAGES]
+
+
+def ran(summary: dict) -> list[str]:
+    return [name for name, t in summary["stages"].items() if not t["cached"]]
+
+
+def test_defaults_quantize_within_one_point(prefect_api: str, tmp_path: Path) -> None:
+    """The default job (MobileNetV2-style model, digits, PTQ, TIDL preset): the Done-when numbers."""
+    summary = quantize(str(PROJECT_ROOT / "params.yaml"), {"output_dir": str(tmp_path)})
+    assert list(summary["stages"]) == STAGES
+    assert summary["float"]["accuracy"] > 95.0
+    assert abs(summary["accuracy_drop"]) <= 1.0
+    assert summary["int8"]["sqnr_db"] > 20.0
+    assert summary["int8"]["agreement"] > 97.0
+    assert summary["gate"]["passed"] is True
+    assert summary["tidl"]["compat"] == {"reject": 0, "arm": 0, "warn": 0}
+    published = files.read_json(tmp_path / "mobilenet_v2_tiny" / "summary.json")
+    assert published == summary
+    model = onnx.load(summary["artifacts"]["qdq_onnx"])
+    assert not {n.op_type for n in model.graph.node} & set(FORBIDDEN_OPS)
+    onnx.checker.check_model(model, full_check=True)
+    options = yaml.safe_load(Path(summary["artifacts"]["tidl_options"]).read_text())
+    assert options["advanced_options:quantization_scale_type"] == 4
+    for key in ("float.accuracy", "int8.accuracy", "int8.agreement", "int8.sqnr_db", "accuracy_drop",
+                "torch_int8.accuracy", "gate.passed", "artifacts.qdq_onnx", "artifacts.float_onnx",
+                "artifacts.tidl_options"):
+        node = summary
+        for part in key.split("."):
+            node = node[part]
+        assert node is not None
+
+
+def test_cache_reruns_exactly_what_changed(prefect_api: str, tmp_path: Path) -> None:
+    overrides = FAST | {"output_dir": str(tmp_path), "quant.mode": "qat"}
+    first = quantize(None, overrides)
+    assert ran(first) == QAT_STAGES
+
+    second = quantize(None, overrides)
+    assert ran(second) == []
+    assert second["stage_keys"] == first["stage_keys"]
+
+    third = quantize(None, overrides | {"qat.epochs": 2})
+    assert ran(third) == ["train_qat", "convert", "export_qdq", "verify_onnx", "tidl_bundle"]
+
+    export_dir = tmp_path / ".stages" / "export_qdq" / third["stage_keys"]["export_qdq"][:16]
+    shutil.rmtree(export_dir)
+    fourth = quantize(None, overrides | {"qat.epochs": 2})
+    assert ran(fourth) == ["export_qdq"]  # rebuilt byte for byte, so everything after it stays cached
+    assert fourth["stage_keys"] == third["stage_keys"]
+
+    verify_json = tmp_path / ".stages" / "verify_onnx" / third["stage_keys"]["verify_onnx"][:16] / "verify.json"
+    verify_json.write_text("{}")  # damaged on disk: found by its digest, rebuilt
+    fifth = quantize(None, overrides | {"qat.epochs": 2})
+    assert ran(fifth) == ["verify_onnx"]
+    assert files.read_json(verify_json)["gate"]["passed"] is True
+
+    sixth = quantize(None, overrides | {"qat.epochs": 2, "verify.max_accuracy_drop": 50.0})
+    assert ran(sixth) == ["verify_onnx"]
+
+
+def test_gate_failure_still_writes_the_report(prefect_api: str, tmp_path: Path) -> None:
+    overrides = FAST | {"output_dir": str(tmp_path), "verify.min_sqnr_db": 99.0}
+    with pytest.raises(GateFailed, match="verify.min_sqnr_db 99.0"):
+        quantize(None, overrides)
+    summary = files.read_json(tmp_path / "mobilenet_v2_tiny" / "summary.json")
+    assert summary["gate"]["passed"] is False
+    assert summary["gate"]["reasons"][0].startswith("logit SQNR")
+    assert Path(summary["artifacts"]["qdq_onnx"]).is_file()

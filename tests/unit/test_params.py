@@ -1,0 +1,95 @@
+"""params.yaml: one schema, defaults, overrides, and errors that name the field and say what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tasks.errors import UserError
+from tasks.params import Params, flatten, load_params, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_project_params_file_is_the_schema_defaults() -> None:
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_required_keys_exist_with_their_defaults() -> None:
+    flat = flatten(load_params(ROOT / "params.yaml"))
+    for key in ("data.source", "data.image_size", "model.source", "model.weights", "quant.mode", "quant.qconfig",
+                "quant.calibration_batches", "qat.epochs", "tidl.target_device", "verify.max_accuracy_drop",
+                "output_dir"):
+        assert key in flat
+    assert flat["data.source"] == "digits"
+    assert flat["model.source"] == "mobilenet_v2_tiny"
+    assert flat["quant.mode"] == "ptq"
+    assert flat["quant.qconfig"] == "tidl"
+
+
+def test_overrides_are_typed_from_yaml() -> None:
+    overrides = parse_overrides(["quant.mode=qat", "qat.epochs=2", "verify.max_accuracy_drop=0.5",
+                                 "model.weights=null"])
+    assert overrides == {"quant.mode": "qat", "qat.epochs": 2, "verify.max_accuracy_drop": 0.5, "model.weights": None}
+    p = load_params(ROOT / "params.yaml", overrides)
+    assert (p.quant.mode, p.qat.epochs, p.verify.max_accuracy_drop) == ("qat", 2, 0.5)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({"quant.moed": "qat"}, ["unknown key 'quant.moed'", "did you mean 'quant.mode'"]),
+    ({"quant.mode": "qta"}, ["quant.mode", "'ptq' or 'qat'", "'qta'"]),
+    ({"data.image_size": "big"}, ["data.image_size", "integer"]),
+    ({"data.image_size": 4}, ["data.image_size", "greater than or equal to 8"]),
+    ({"export.opset": 21}, ["export.opset", "less than or equal to 19"]),
+    ({"tidl.target_device": "tda5"}, ["tidl.target_device", "am68a"]),
+    ({"model.source": "no-such-model"}, ["model.source", "package.module:callable"]),
+    ({"data.val_fraction": 0.5, "data.calib_fraction": 0.4}, ["val_fraction + calib_fraction"]),
+    ({"model.name": "../escape"}, ["model.name", "letters, digits"]),
+])
+def test_bad_values_name_the_field(overrides: dict, expected: list[str]) -> None:
+    with pytest.raises(UserError) as err:
+        load_params(ROOT / "params.yaml", overrides)
+    for text in expected:
+        assert text in str(err.value)
+    assert "--set" in str(err.value)
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"quant": {"calibration_batchs": 3}}))
+    with pytest.raises(UserError, match=r"params.yaml: unknown key 'quant.calibration_batchs'; did you mean "
+                                        r"'quant.calibration_batches'"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("text", ["data: [1, 2", "- a\n- b\n"])
+def test_malformed_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match="params.yaml"):
+        load_params(path)
+
+
+def test_missing_file_and_bad_set_syntax(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_overrides(["quant.mode"])
+    with pytest.raises(UserError, match="is a value, not a section"):
+        load_params(ROOT / "params.yaml", {"output_dir.x": 1})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["data.image_size", "quant.mode", "qat.epochs", "verify.min_sqnr_db",
+                                        "tidl.calibration_frames", "bogus", "data.seed", "model.kwargs"]),
+                       st.one_of(st.none(), st.integers(-5, 5000), st.floats(allow_nan=True), st.text(max_size=8),
+                                 st.booleans(), st.lists(st.integers(), max_size=2)), max_size=4))
+def test_loader_only_ever_returns_params_or_raises_user_error(overrides: dict) -> None:
+    try:
+        assert isinstance(load_params(None, overrides), Params)
+    except UserError as err:
+        assert str(err).startswith("invalid params")
