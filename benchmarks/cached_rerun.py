@@ -23,6 +23,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tasks import files
+
 ROOT = Path(__file__).resolve().parents[1]
 TIDLQ = str(Path(sys.executable).with_name("tidlq"))
 
@@ -71,7 +73,7 @@ def main() -> None:
     print(f"stages reported cached on the rerun: {result['cached_stages']} of {result['stages_per_run']}")
     out = ROOT / "benchmarks" / "results" / "cached_rerun.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    files.write_json(out, result)
 
 
 if __name__ == "__main__":
