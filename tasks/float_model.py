@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from tasks import cache, files, models, training
+from tasks import cache, files, inputs, models, training
 from tasks.params import FloatTrainParams, ModelParams
 from tasks.prepare_data import load_split
 
@@ -31,7 +31,7 @@ def run(model: ModelParams, float_train: FloatTrainParams, data_dir: Path, out: 
     models.check_model(net, data["input_shape"], data["num_classes"], model.source)
     history: list[dict] = []
     if model.weights:
-        models.load_weights(net, Path(model.weights))
+        models.load_weights(net, inputs.resolve(model.weights, "model.weights"))
     else:
         x, y = load_split(data_dir, "train")
         history = training.train(net, x, y, training.Schedule(**float_train.model_dump()), label="float training")
@@ -49,8 +49,8 @@ def run(model: ModelParams, float_train: FloatTrainParams, data_dir: Path, out: 
 
 
 @task(name="float_model", **cache.TASK_OPTIONS)
-def float_model_task(root: Path, model: ModelParams, float_train: FloatTrainParams,
+def float_model_task(root: Path, model: ModelParams, float_train: FloatTrainParams, weights_digest: str,
                      data: cache.Manifest) -> cache.Manifest:
-    """Prefect task: `run` through the stage cache."""
-    return cache.build(root, "float_model", __name__, [model, float_train, data],
+    """Prefect task: `run` through the stage cache (`weights_digest`: the weights file's content, part of the key)."""
+    return cache.build(root, "float_model", __name__, [model, float_train, weights_digest, data],
                        lambda out: run(model, float_train, data.dir, out))

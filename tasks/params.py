@@ -130,6 +130,22 @@ class TidlParams(Section):
     calibration_iterations: int = Field(1, ge=-1)
 
 
+class TrackingParams(Section):
+    """MLflow: the tracking URI comes from MLFLOW_TRACKING_URI (default sqlite:///mlflow.db), never from here."""
+
+    experiment: str = Field("tidlq", min_length=1)
+    required: bool = Field(True, description="false: run and warn when the tracking server cannot be reached")
+    register_model: bool = Field(True, description="register the QDQ model as '<model name>-qdq'")
+
+
+class StorageParams(Section):
+    """S3 publishing: off unless a bucket is given here or in TIDLQ_S3_BUCKET. Credentials: the AWS chain only."""
+
+    bucket: str | None = Field(None, description="empty: TIDLQ_S3_BUCKET, and no upload when that is unset too")
+    prefix: str = Field("tidlq", description="objects go to s3://<bucket>/<prefix>/<model>/<run id>/")
+    endpoint_url: str | None = Field(None, description="empty: AWS_ENDPOINT_URL, or AWS's own endpoint")
+
+
 class Params(Section):
     """Everything in params.yaml."""
 
@@ -141,6 +157,8 @@ class Params(Section):
     export: ExportParams = Field(default_factory=ExportParams)
     verify: VerifyParams = Field(default_factory=VerifyParams)
     tidl: TidlParams = Field(default_factory=TidlParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    storage: StorageParams = Field(default_factory=StorageParams)
     output_dir: Path = Path("outputs")
 
     @property

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from tasks import cache, files
+from tasks import cache, files, inputs
 from tasks.errors import UserError
 from tasks.params import DataParams
 
@@ -53,9 +53,9 @@ def run(data: DataParams, out: Path) -> dict:
 
 
 @task(name="prepare_data", **cache.TASK_OPTIONS)
-def prepare_data_task(root: Path, data: DataParams) -> cache.Manifest:
-    """Prefect task: `run` through the stage cache."""
-    return cache.build(root, "prepare_data", __name__, [data], lambda out: run(data, out))
+def prepare_data_task(root: Path, data: DataParams, source_digest: str) -> cache.Manifest:
+    """Prefect task: `run` through the stage cache (`source_digest`: the source's content, part of the key)."""
+    return cache.build(root, "prepare_data", __name__, [data, source_digest], lambda out: run(data, out))
 
 
 def load_split(dataset_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +83,7 @@ def load_source(data: DataParams) -> tuple[np.ndarray, np.ndarray, list[str], di
         x = (digits.images[:, None, :, :] / 16.0).astype(np.float32)
         return x, digits.target.astype(np.int64), [str(c) for c in range(10)], \
             {"kind": "digits", "scale_to_unit": 1 / 16.0}
-    path = Path(data.source)
+    path = inputs.resolve(data.source, "data.source")
     if path.suffix == ".npz":
         return _load_npz(path)
     if path.is_dir():

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import files
+from tasks import files, report
 from tasks.cache import Manifest
 from tasks.params import Params, flatten
 
@@ -27,23 +27,35 @@ PUBLISHED_FILES = {
 }
 
 
-def run(params: Params, stages: dict[str, Manifest], timings: dict[str, dict]) -> dict[str, Any]:
-    """Copy the artifacts to the model's output folder and write summary.json; return the summary."""
+def run(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], ids: dict[str, Any],
+        warnings: list[str]) -> dict:
+    """Copy the artifacts to the model's output folder, write summary.json and the report; return the summary."""
     final = params.model_dir.resolve()
-    summary = build_summary(params, stages, timings, final)
+    summary = build_summary(params, stages, timings, final) | {"run": ids}
+    summary["warnings"] += warnings
     with files.atomic_dir(final) as tmp:
         for (stage, name), published in PUBLISHED_FILES.items():
             shutil.copyfile(stages[stage].path(name), tmp / published)
         shutil.copytree(stages["tidl_bundle"].path("tidl"), tmp / "tidl")
         files.write_json(tmp / "params.json", params.model_dump(mode="json"))
         files.write_json(tmp / "summary.json", summary)
+        report.write(summary, files.read_json(stages["verify_onnx"].path("verify.json")), histories(stages), tmp)
     return summary
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish_task(params: Params, stages: dict[str, Manifest], timings: dict[str, dict]) -> dict[str, Any]:
+def publish_task(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], ids: dict[str, Any],
+                 warnings: list[str]) -> dict[str, Any]:
     """Prefect task around `run` (not cached)."""
-    return run(params, stages, timings)
+    return run(params, stages, timings, ids, warnings)
+
+
+def histories(stages: dict[str, Manifest]) -> dict[str, list[dict]]:
+    """Per-epoch training records: float training (when the model was trained) and QAT."""
+    out = {"float_train": files.read_json(stages["float_model"].path("model.json"))["history"]}
+    if "train_qat" in stages:
+        out["qat"] = files.read_json(stages["train_qat"].path("prepared.json"))["history"]
+    return out
 
 
 def compat_warnings(counts: dict[str, int], device: str) -> list[str]:

@@ -15,7 +15,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the project root: params.y
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tidlq-test-prefect-")
+    state = Path(tempfile.mkdtemp(prefix="tidlq-test-"))
+    os.environ["PREFECT_HOME"] = str(state / "prefect")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"
+    (state / "mlflow").mkdir()
+    for name in ("PREFECT_API_URL", "TIDLQ_S3_BUCKET", "AWS_ENDPOINT_URL"):  # a developer's sourced stack env
+        os.environ.pop(name, None)
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")

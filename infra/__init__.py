@@ -1,0 +1,1 @@
+"""What runs tidlq somewhere else: the local stack, containers, work pools."""

@@ -1,0 +1,238 @@
+"""MLflow: one run per flow run, with the params, every number of summary.json, tags that say what ran, the dataset
+as an input, the artifacts and report, and the QDQ model in the model registry.
+
+The tracking URI comes from MLFLOW_TRACKING_URI (default `sqlite:///mlflow.db`, artifacts in `mlartifacts/` beside
+the database).
+Nothing here is cached: logging is the run's side effect (a cached logging task would silently log nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import files
+from tasks.errors import UserError
+from tasks.params import Params, flatten
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+# Params that may hold environment details; never logged.
+UNLOGGED_PARAMS = ("storage.endpoint_url",)
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+class TrackingUnavailable(UserError):
+    """The MLflow tracking server cannot be reached."""
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """The MLflow run of a flow run; `run_id` is None when tracking is off (server down, `tracking.required: false`)."""
+
+    uri: str
+    run_id: str | None
+    warning: str | None = None
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, or the embedded SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_server(uri: str) -> None:
+    """For an HTTP tracking URI, fail within seconds when the server does not answer /health."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(f"MLflow tracking server {uri} cannot be reached ({reason}). Start it (tidlq stack "
+                                  "up), fix MLFLOW_TRACKING_URI, or set tracking.required: false to run without "
+                                  "tracking.") from None
+    raise TrackingUnavailable(f"MLflow tracking server {uri} is not healthy (/health did not answer 200).")
+
+
+@contextlib.contextmanager
+def tracked_run(params: Params, flow_run_id: str, flow_run_name: str) -> Iterator[TrackedRun]:
+    """An MLflow run around the block: FINISHED when it ends, FAILED (with the reason) when it raises."""
+    run = start(params, flow_run_id, flow_run_name)
+    try:
+        yield run
+    except BaseException as exc:
+        end(run, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    end(run, "FINISHED")
+
+
+def start(params: Params, flow_run_id: str, flow_run_name: str) -> TrackedRun:
+    """Check the server and create the run (before any work, so that a dead server fails the flow fast)."""
+    uri = tracking_uri()
+    try:
+        check_server(uri)
+    except TrackingUnavailable as exc:
+        if params.tracking.required:
+            raise
+        return TrackedRun(uri, None, f"{exc} Running without tracking (tracking.required: false).")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        location = local_artifact_root(uri)
+        experiment_id = client.create_experiment(params.tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    name = f"{params.model.display_name}-{params.quant.mode}-{params.tidl.target_device}"
+    tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name, **git_tags(),
+            "params_digest": files.sha256_json(flatten(params)), **library_tags()}
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    return TrackedRun(uri, run.info.run_id)
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """For the embedded SQLite store, artifacts go to `mlartifacts/` beside the database file."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def end(run: TrackedRun, status: str, reason: str | None = None) -> None:
+    """Mark the run FINISHED or FAILED; a failure's reason becomes the run's description."""
+    if run.run_id is None:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(run.uri)
+    if reason:
+        client.set_tag(run.run_id, "failure_reason", reason[:5000])
+        client.set_tag(run.run_id, "mlflow.note.content", f"Failed: {reason[:5000]}")
+    client.set_terminated(run.run_id, status)
+
+
+def log_results(run: TrackedRun, params: Params, summary: dict[str, Any], published: Path,
+                histories: dict[str, list[dict]]) -> dict[str, Any]:
+    """Log params, metrics, tags, dataset, artifacts and the registered model; return what was registered."""
+    if run.run_id is None:
+        return {}
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = MlflowClient(run.uri)
+    logged = {k: v for k, v in flatten(params).items() if k not in UNLOGGED_PARAMS}
+    client.log_batch(run.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(logged.items())])
+    now = _now_ms()
+    metrics = [Metric(k, v, now, 0) for k, v in numeric_leaves(summary).items()]
+    for name, history in histories.items():
+        metrics += [Metric(f"{name}.{k}", float(v), now, h["epoch"]) for h in history for k, v in h.items()
+                    if k != "epoch"]
+    for i in range(0, len(metrics), 900):
+        client.log_batch(run.run_id, metrics=metrics[i:i + 900])
+    client.log_batch(run.run_id, tags=[RunTag(k, str(v)) for k, v in result_tags(summary).items()])
+    log_dataset(client, run.run_id, summary["dataset"])
+    client.log_artifacts(run.run_id, str(published))
+    registered = register(run, params, summary, published) if params.tracking.register_model else {}
+    return registered
+
+
+@task(name="track", cache_policy=NO_CACHE)
+def track_task(run: TrackedRun, params: Params, summary: dict[str, Any], published: Path,
+               histories: dict[str, list[dict]]) -> dict[str, Any]:
+    """Prefect task around `log_results`: never cached (a cached logging task would log nothing)."""
+    return log_results(run, params, summary, published, histories)
+
+
+def register(run: TrackedRun, params: Params, summary: dict[str, Any], published: Path) -> dict[str, Any]:
+    """Register the QDQ model (ONNX flavor) as `<model>-qdq`; alias `candidate` only when the gate passed."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(run.uri)
+    mlflow.set_experiment(params.tracking.experiment)  # logged models go to the active experiment, not the run's
+    name = f"{summary['model']}-qdq"
+    info = mlflow.onnx.log_model(onnx.load(published / "model_qdq.onnx"), name="model_qdq", run_id=run.run_id,
+                                 registered_model_name=name, pip_requirements=["onnx", "onnxruntime"],
+                                 onnx_execution_providers=["CPUExecutionProvider"], await_registration_for=60)
+    version = str(info.registered_model_version)
+    client = MlflowClient(run.uri)
+    client.set_model_version_tag(name, version, "gate", "passed" if summary["gate"]["passed"] else "failed")
+    client.set_model_version_tag(name, version, "params_digest", summary["params_digest"])
+    if summary["gate"]["passed"]:
+        client.set_registered_model_alias(name, "candidate", version)
+    return {"registered_model": name, "version": version, "candidate": summary["gate"]["passed"]}
+
+
+def log_dataset(client: Any, run_id: str, dataset: dict[str, Any]) -> None:
+    """The dataset as an MLflow input, named and digested as in summary.json (MLflow keeps 36 digest chars)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    source = dataset["source"]
+    origin = CodeDatasetSource({"loader": "sklearn.datasets.load_digits"}) if source == "digits" \
+        else resolve_dataset_source(source)
+    meta = MetaDataset(origin, name=Path(source).name or source, digest=dataset["digest"][:36])
+    client.log_inputs(run_id, datasets=[DatasetInput(meta._to_mlflow_entity(),
+                                                     tags=[InputTag("mlflow.data.context", "training")])])
+
+
+def numeric_leaves(summary: dict[str, Any]) -> dict[str, float]:
+    """Every finite number in summary.json as a dotted metric name (booleans as 0/1)."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, bool | int | float) and math.isfinite(float(node)):
+            out[prefix] = float(node)
+
+    walk("", {k: v for k, v in summary.items() if k not in ("stage_keys", "artifacts")})
+    return out
+
+
+def result_tags(summary: dict[str, Any]) -> dict[str, str]:
+    """Tags set once the results are known."""
+    return {"model": summary["model"], "mode": summary["mode"], "qconfig": summary["qconfig"],
+            "target_device": summary["target_device"], "dataset_digest": summary["dataset"]["digest"],
+            "gate": "passed" if summary["gate"]["passed"] else "failed"}
+
+
+def git_tags() -> dict[str, str]:
+    """The project's git commit and whether its work tree had changes ("unknown" outside a checkout)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(PROJECT), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain")))}
+    except (subprocess.SubprocessError, OSError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def library_tags() -> dict[str, str]:
+    """Versions of the libraries that shape the model."""
+    import importlib.metadata
+
+    return {f"version.{lib}": importlib.metadata.version(lib) for lib in ("torch", "onnx", "onnxruntime")}
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
