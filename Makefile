@@ -4,7 +4,14 @@ PYTHON ?= python3
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean stack-up stack-down deploy worker repro
+
+# Deployments (prefect.yaml) on a process work pool; the nightly schedule is a cron string in UTC.
+WORK_POOL    ?= tidlq-local
+NIGHTLY_CRON ?= 0 3 * * *
+export TIDLQ_PROJECT_DIR = $(CURDIR)
+export TIDLQ_WORK_POOL = $(WORK_POOL)
+export TIDLQ_NIGHTLY_CRON = $(NIGHTLY_CRON)
 
 # torch 2.13.0 first: the CPU build from this machine's disk. A bare `torch` or a wide range would pull a CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -25,6 +32,25 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cached_rerun.py
+
+# The local stack: SeaweedFS (S3), MLflow and Prefect servers on 127.0.0.1; then `source .stack/env`.
+stack-up: $(STAMP)
+	$(BIN)/tidlq stack up
+
+stack-down: $(STAMP)
+	$(BIN)/tidlq stack down
+
+# Needs PREFECT_API_URL (source .stack/env): creates the work pool if missing and deploys quantize/adhoc and /nightly.
+deploy: $(STAMP)
+	$(BIN)/prefect work-pool inspect $(WORK_POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(WORK_POOL) --type process
+	$(BIN)/prefect --no-prompt deploy --all
+
+worker: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/prefect worker start --pool $(WORK_POOL)
+
+# dvc repro with the venv's tidlq on PATH
+repro: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 clean:
 	rm -rf outputs .pytest_cache

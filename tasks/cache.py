@@ -69,16 +69,19 @@ TASK_OPTIONS: dict[str, Any] = {"cache_key_fn": cache_key_fn, "persist_result": 
 
 
 def build(root: Path, stage: str, module: str, args: Sequence[Any], work: Callable[[Path], dict]) -> Manifest:
-    """Run `work(folder)` in a temporary folder, write its manifest, and rename it into the stage's place."""
+    """Run `work(folder)` into the stage's content-addressed folder under `root`."""
     key = stage_key(stage, module, args)
-    final = stage_dir(root, stage, key)
-    started = time.perf_counter()
+    return write_stage(stage_dir(root, stage, key), stage, key, work)
+
+
+def write_stage(final: Path, stage: str, key: str, work: Callable[[Path], dict]) -> Manifest:
+    """Run `work(folder)` in a temporary folder, write its manifest (file digests, the facts `work` returns; nothing
+    that varies between identical runs), and rename the folder to `final` in one step."""
     with files.atomic_dir(final) as tmp:
         info = work(tmp) or {}
-        info["compute_seconds"] = round(time.perf_counter() - started, 3)
         digests = {p.relative_to(tmp).as_posix(): files.sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         files.write_json(tmp / MANIFEST, {"stage": stage, "key": key, "files": digests, "info": info})
-    return Manifest(stage=stage, key=key, dir=final, files=digests, info=info)
+    return Manifest(stage=stage, key=key, dir=Path(final), files=digests, info=info)
 
 
 def load_intact(folder: Path) -> Manifest | None:
@@ -116,8 +119,7 @@ class StageRunner:
         if manifest is None:
             raise RuntimeError(f"stage {name} finished, but its folder {folder} is missing or damaged")
         self.manifests[name] = manifest
-        self.timings[name] = {"cached": state.name == "Cached", "seconds": round(time.perf_counter() - started, 3),
-                              "compute_seconds": manifest.info.get("compute_seconds")}
+        self.timings[name] = {"cached": state.name == "Cached", "seconds": round(time.perf_counter() - started, 3)}
         return manifest
 
 

@@ -3,7 +3,9 @@ logits (accuracy, top-1 agreement, SQNR, largest difference)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -45,3 +47,18 @@ def confusion_matrix(logits: np.ndarray, labels: np.ndarray, num_classes: int) -
     m = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(m, (labels, logits.argmax(1)), 1)
     return m.tolist()
+
+
+def numeric_leaves(tree: dict[str, Any]) -> dict[str, float]:
+    """Every finite number in a nested dict as a dotted name (booleans as 0/1): metrics for MLflow and DVC."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, bool | int | float) and math.isfinite(float(node)):
+            out[prefix] = float(node)
+
+    walk("", tree)
+    return out

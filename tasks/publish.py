@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import files, report
+from tasks import files, metrics, report
 from tasks.cache import Manifest
 from tasks.params import Params, flatten
 
@@ -31,7 +31,7 @@ def run(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], i
         warnings: list[str]) -> dict:
     """Copy the artifacts to the model's output folder, write summary.json and the report; return the summary."""
     final = params.model_dir.resolve()
-    summary = build_summary(params, stages, timings, final) | {"run": ids}
+    summary = build_summary(params, stages, timings, artifact_paths(final)) | {"run": ids}
     summary["warnings"] += warnings
     with files.atomic_dir(final) as tmp:
         for (stage, name), published in PUBLISHED_FILES.items():
@@ -48,6 +48,36 @@ def publish_task(params: Params, stages: dict[str, Manifest], timings: dict[str,
                  warnings: list[str]) -> dict[str, Any]:
     """Prefect task around `run` (not cached)."""
     return run(params, stages, timings, ids, warnings)
+
+
+def run_in_pipeline(params: Params, stages: dict[str, Manifest], out: Path) -> dict[str, Any]:
+    """The `dvc repro` variant: metrics.json (DVC metrics), plot data (DVC plots), the report and summary.json
+    (in report/), into `out`; artifacts stay in their stage folders."""
+    qdq, bundle = stages["export_qdq"].dir, stages["tidl_bundle"].dir / "tidl"
+    summary = build_summary(params, stages, {}, {
+        "qdq_onnx": str(qdq / "model_qdq.onnx"), "float_onnx": str(stages["evaluate_float"].dir / "float.onnx"),
+        "tidl_options": str(bundle / "compile_options.yaml"), "tidl_bundle": str(bundle)})
+    (out / "report").mkdir()
+    files.write_json(out / "report" / "summary.json", summary)
+    keys = ("float", "int8", "accuracy_drop", "torch_int8", "torch_vs_ort", "gate", "tidl")
+    files.write_json(out / "metrics.json", metrics.numeric_leaves({k: summary[k] for k in keys}))
+    files.write_json(out / "accuracy.json", [
+        {"model": "float", "accuracy": summary["float"]["accuracy"]},
+        {"model": "int8 (onnxruntime)", "accuracy": summary["int8"]["accuracy"]},
+        {"model": f"int8 (torch {summary['torch_int8']['engine']})", "accuracy": summary["torch_int8"]["accuracy"]}])
+    runs = histories(stages)
+    phase = "qat" if "qat" in runs else "float_train"
+    files.write_json(out / "training.json", [{"phase": phase, "epoch": h["epoch"], "loss": h["loss"],
+                                              "accuracy": h.get("val_accuracy", h["train_accuracy"])}
+                                             for h in runs[phase]])
+    report.write(summary, files.read_json(stages["verify_onnx"].path("verify.json")), runs, out / "report")
+    return {"gate": summary["gate"]}
+
+
+def artifact_paths(final: Path) -> dict[str, str]:
+    """Where the published artifacts are."""
+    return {"qdq_onnx": str(final / "model_qdq.onnx"), "float_onnx": str(final / "float.onnx"),
+            "tidl_options": str(final / "tidl" / "compile_options.yaml"), "tidl_bundle": str(final / "tidl")}
 
 
 def histories(stages: dict[str, Manifest]) -> dict[str, list[dict]]:
@@ -70,7 +100,8 @@ def compat_warnings(counts: dict[str, int], device: str) -> list[str]:
     return notes
 
 
-def build_summary(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], final: Path) -> dict:
+def build_summary(params: Params, stages: dict[str, Manifest], timings: dict[str, dict],
+                  artifacts: dict[str, str]) -> dict:
     """summary.json: the numbers every run reports (ARCHITECTURE.md), the stages, and where the artifacts are."""
     verify = files.read_json(stages["verify_onnx"].path("verify.json"))
     data = files.read_json(stages["prepare_data"].path("data.json"))
@@ -96,10 +127,5 @@ def build_summary(params: Params, stages: dict[str, Manifest], timings: dict[str
         "params_digest": files.sha256_json(flatten(params)),
         "stages": timings,
         "stage_keys": {name: m.key for name, m in stages.items()},
-        "artifacts": {
-            "qdq_onnx": str(final / "model_qdq.onnx"),
-            "float_onnx": str(final / "float.onnx"),
-            "tidl_options": str(final / "tidl" / "compile_options.yaml"),
-            "tidl_bundle": str(final / "tidl"),
-        },
+        "artifacts": artifacts,
     }

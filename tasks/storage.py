@@ -67,7 +67,7 @@ def publish(dest: Destination, local: Path) -> dict[str, Any]:
     return {"uri": dest.uri, "objects": len(objects)}
 
 
-@task(name="upload", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+@task(name="upload", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3,
       retry_condition_fn=lambda task, run, state: _is_unreachable(state))
 def upload_task(dest: Destination, local: Path) -> dict[str, Any]:
     """Prefect task around `publish`: never cached; retried only when S3 could not be reached."""
@@ -84,7 +84,7 @@ def _is_unreachable(state: Any) -> bool:
     return False
 
 
-def client(endpoint_url: str | None = None, attempts: int = 5) -> Any:
+def client(endpoint_url: str | None = None, attempts: int = 3) -> Any:
     """A boto3 S3 client with short connect timeouts and standard retries (backoff on transient errors)."""
     import boto3
     from botocore.config import Config

@@ -9,7 +9,6 @@ Nothing here is cached: logging is the run's side effect (a cached logging task 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import subprocess
 import urllib.error
@@ -22,7 +21,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import files
+from tasks import files, metrics
 from tasks.errors import UserError
 from tasks.params import Params, flatten
 
@@ -81,6 +80,9 @@ def tracked_run(params: Params, flow_run_id: str, flow_run_name: str) -> Iterato
 def start(params: Params, flow_run_id: str, flow_run_name: str) -> TrackedRun:
     """Check the server and create the run (before any work, so that a dead server fails the flow fast)."""
     uri = tracking_uri()
+    # MLflow's HTTP client retries 7 times with exponential backoff by default: minutes before an error surfaces.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     try:
         check_server(uri)
     except TrackingUnavailable as exc:
@@ -135,12 +137,13 @@ def log_results(run: TrackedRun, params: Params, summary: dict[str, Any], publis
     logged = {k: v for k, v in flatten(params).items() if k not in UNLOGGED_PARAMS}
     client.log_batch(run.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(logged.items())])
     now = _now_ms()
-    metrics = [Metric(k, v, now, 0) for k, v in numeric_leaves(summary).items()]
+    numbers = metrics.numeric_leaves({k: v for k, v in summary.items() if k not in ("stage_keys", "artifacts")})
+    logged_metrics = [Metric(k, v, now, 0) for k, v in numbers.items()]
     for name, history in histories.items():
-        metrics += [Metric(f"{name}.{k}", float(v), now, h["epoch"]) for h in history for k, v in h.items()
-                    if k != "epoch"]
-    for i in range(0, len(metrics), 900):
-        client.log_batch(run.run_id, metrics=metrics[i:i + 900])
+        logged_metrics += [Metric(f"{name}.{k}", float(v), now, h["epoch"]) for h in history for k, v in h.items()
+                           if k != "epoch"]
+    for i in range(0, len(logged_metrics), 900):
+        client.log_batch(run.run_id, metrics=logged_metrics[i:i + 900])
     client.log_batch(run.run_id, tags=[RunTag(k, str(v)) for k, v in result_tags(summary).items()])
     log_dataset(client, run.run_id, summary["dataset"])
     client.log_artifacts(run.run_id, str(published))
@@ -152,7 +155,14 @@ def log_results(run: TrackedRun, params: Params, summary: dict[str, Any], publis
 def track_task(run: TrackedRun, params: Params, summary: dict[str, Any], published: Path,
                histories: dict[str, list[dict]]) -> dict[str, Any]:
     """Prefect task around `log_results`: never cached (a cached logging task would log nothing)."""
-    return log_results(run, params, summary, published, histories)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return log_results(run, params, summary, published, histories)
+    except MlflowException as exc:
+        raise TrackingUnavailable(f"MLflow at {run.uri} could not record the run ({str(exc).splitlines()[0][:300]}). "
+                                  "Check the tracking server and its artifact store; the local outputs are in "
+                                  f"{published}.") from None
 
 
 def register(run: TrackedRun, params: Params, summary: dict[str, Any], published: Path) -> dict[str, Any]:
@@ -190,21 +200,6 @@ def log_dataset(client: Any, run_id: str, dataset: dict[str, Any]) -> None:
     meta = MetaDataset(origin, name=Path(source).name or source, digest=dataset["digest"][:36])
     client.log_inputs(run_id, datasets=[DatasetInput(meta._to_mlflow_entity(),
                                                      tags=[InputTag("mlflow.data.context", "training")])])
-
-
-def numeric_leaves(summary: dict[str, Any]) -> dict[str, float]:
-    """Every finite number in summary.json as a dotted metric name (booleans as 0/1)."""
-    out: dict[str, float] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(node, bool | int | float) and math.isfinite(float(node)):
-            out[prefix] = float(node)
-
-    walk("", {k: v for k, v in summary.items() if k not in ("stage_keys", "artifacts")})
-    return out
 
 
 def result_tags(summary: dict[str, Any]) -> dict[str, str]:

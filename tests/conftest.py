@@ -50,3 +50,14 @@ def prefect_api() -> str:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The local stack (SeaweedFS, MLflow server, Prefect server) on 127.0.0.1 for the session: (state dir, env)."""
+    from tests import servers
+
+    state = tmp_path_factory.mktemp("stack")
+    env = servers.start_stack(state)
+    yield state, env
+    servers.stop_stack(state)
