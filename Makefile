@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench clean stack-up stack-down deploy worker repro
+.PHONY: run test lint bench clean stack-up stack-down deploy worker repro dvc-remote
 
 # Deployments (prefect.yaml) on a process work pool; the nightly schedule is a cron string in UTC.
 WORK_POOL    ?= tidlq-local
@@ -47,6 +47,13 @@ deploy: $(STAMP)
 
 worker: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/prefect worker start --pool $(WORK_POOL)
+
+# Point DVC's remote (s3://tidlq/dvc in .dvc/config) at the local stack: endpoint and keys go to .dvc/config.local,
+# which git ignores. Needs the stack's environment: source .stack/env
+dvc-remote: $(STAMP)
+	$(BIN)/dvc remote modify --local storage endpointurl "$$AWS_ENDPOINT_URL"
+	$(BIN)/dvc remote modify --local storage access_key_id "$$AWS_ACCESS_KEY_ID"
+	$(BIN)/dvc remote modify --local storage secret_access_key "$$AWS_SECRET_ACCESS_KEY"
 
 # dvc repro with the venv's tidlq on PATH
 repro: $(STAMP)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from tasks import storage, tracking
 from tasks.cache import StageRunner
 from tasks.calibrate import calibrate_task
 from tasks.convert import convert_task
-from tasks.errors import GateFailed
+from tasks.errors import GateFailed, UserError
 from tasks.evaluate_float import evaluate_float_task
 from tasks.export_qdq import export_qdq_task
 from tasks.float_model import float_model_task
@@ -28,11 +28,23 @@ from tasks.train_qat import train_qat_task
 from tasks.verify_onnx import verify_onnx_task
 
 
-@flow(name="quantize", log_prints=True)
+def run_name() -> str:
+    """`<model>-<mode>-<device>-<time>`: what the Prefect UI lists; params that do not validate name it 'invalid'."""
+    parameters = flow_run.parameters
+    try:
+        p = load_params(parameters.get("params_path", "params.yaml"), parameters.get("overrides"))
+        label = f"{p.model.display_name}-{p.quant.mode}-{p.tidl.target_device}"
+    except UserError:
+        label = "invalid-params"
+    return f"{label}-{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
+
+
+@flow(name="quantize", flow_run_name=run_name, log_prints=True)
 def quantize(params_path: str | None = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantize one model as `params_path` (plus dotted `overrides`) says; return the run's summary."""
     p = load_params(params_path, overrides)
-    with tracking.tracked_run(p, str(flow_run.id), str(flow_run.name)) as run:
+    with tags(p.model.display_name, p.quant.mode, p.tidl.target_device), \
+            tracking.tracked_run(p, str(flow_run.id), str(flow_run.name)) as run:
         return run_pipeline(p, run)
 
 
