@@ -57,12 +57,13 @@ def run_pipeline(p: Params, run: tracking.TrackedRun) -> dict[str, Any]:
     data = stages.run(prepare_data_task, p.data, fingerprint(p.data.source, "data.source"))
     model = stages.run(float_model_task, p.model, p.float_train, fingerprint(p.model.weights, "model.weights"), data)
     float_eval = stages.run(evaluate_float_task, p.export, model, data)
+    device = p.tidl.target_device
     if p.quant.mode == "qat":
-        prepared = stages.run(train_qat_task, p.quant, p.qat, model, data)
+        prepared = stages.run(train_qat_task, p.quant, p.qat, device, model, data)
     else:
-        prepared = stages.run(calibrate_task, p.quant, model, data)
+        prepared = stages.run(calibrate_task, p.quant, device, model, data)
     int8 = stages.run(convert_task, prepared, model, data)
-    qdq = stages.run(export_qdq_task, p.export, int8, prepared, model)
+    qdq = stages.run(export_qdq_task, p.export, device, int8, prepared, model)
     stages.run(verify_onnx_task, p.verify, qdq, float_eval, int8, data)
     stages.run(tidl_bundle_task, p.tidl, qdq, data)
     ids["s3_uri"] = dest.uri if dest else None

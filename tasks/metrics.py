@@ -11,11 +11,13 @@ import numpy as np
 import onnxruntime as ort
 
 
-def onnx_logits(model_path: Path, x: np.ndarray) -> np.ndarray:
-    """Logits of an ONNX model with a static batch-1 input, one sample at a time, on the CPU provider."""
+def onnx_logits(model: Path | bytes, x: np.ndarray) -> np.ndarray:
+    """Logits of an ONNX model (a path or serialized bytes) with a static batch-1 input, one sample at a time, on the
+    CPU provider."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
 

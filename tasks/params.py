@@ -18,6 +18,8 @@ from tasks.errors import UserError
 
 BUILTIN_MODELS = ("mobilenet_v2_tiny", "resnet_tiny")
 TARGET_DEVICES = ("am62a", "am67a", "am68a", "am69a", "tda4vm", "am68pa")
+# MMAv1 devices: TIDL takes symmetric, power-of-2 scales only (tidl.md §2); quantization_scale_type 1.
+POWER_OF_2_DEVICES = frozenset({"tda4vm", "am68pa"})
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -89,7 +91,13 @@ class QuantParams(Section):
     """The quantization recipe shared by PTQ and QAT."""
 
     mode: Literal["ptq", "qat"] = "ptq"
-    qconfig: Literal["qnnpack", "x86", "tidl"] = "tidl"
+    qconfig: Literal["qnnpack", "x86", "tidl"] = Field("tidl", description="tidl: TI's WC8_AT8, power-of-2 "
+                                                       "symmetric on tda4vm/am68pa; qnnpack; x86")
+    observer: Literal["histogram", "minmax", "moving_average", "percentile"] = Field(
+        "histogram", description="PTQ activation calibration; QAT always uses moving-average fake-quantization")
+    percentile: float = Field(99.99, gt=50, le=100, description="observer percentile: the clipping percentile")
+    bias_correction: bool = Field(False, description="PTQ: shift each Conv/Linear bias by the mean output error "
+                              "between float and int8 on the calibration images")
     calibration_batches: int = Field(8, ge=1, description="PTQ: number of calib batches fed to the observers")
     batch_size: int = Field(32, ge=1)
 

@@ -24,7 +24,8 @@ PREPARED = "prepared"  # calibrate (ptq) or train_qat (qat), as quant.mode says
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage: its params sections and input stages, in the order its `run()` takes them."""
+    """A stage: its params sections (or single dotted values) and input stages, in the order its `run()` takes
+    them."""
 
     name: str
     sections: tuple[str, ...]
@@ -41,10 +42,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare_data", ("data",), (), "data.source"),
     Stage("float_model", ("model", "float_train"), ("prepare_data",), "model.weights"),
     Stage("evaluate_float", ("export",), ("float_model", "prepare_data")),
-    Stage("calibrate", ("quant",), ("float_model", "prepare_data")),
-    Stage("train_qat", ("quant", "qat"), ("float_model", "prepare_data")),
+    Stage("calibrate", ("quant", "tidl.target_device"), ("float_model", "prepare_data")),
+    Stage("train_qat", ("quant", "qat", "tidl.target_device"), ("float_model", "prepare_data")),
     Stage("convert", (), (PREPARED, "float_model", "prepare_data")),
-    Stage("export_qdq", ("export",), ("convert", PREPARED, "float_model")),
+    Stage("export_qdq", ("export", "tidl.target_device"), ("convert", PREPARED, "float_model")),
     Stage("verify_onnx", ("verify",), ("export_qdq", "evaluate_float", "convert", "prepare_data")),
     Stage("tidl_bundle", ("tidl",), ("export_qdq", "prepare_data")),
 )}
@@ -61,17 +62,16 @@ def run(name: str, params: Params, root: Path = ROOT) -> cache.Manifest:
         return _skip(stage, params, root)
     upstream = [current(_resolve(i, params), params, root, needed_by=name) for i in stage.inputs]
     key = cache.stage_key(name, stage.module, key_args(stage, params, upstream))
-    sections = [getattr(params, s) for s in stage.sections]
+    sections = [_value(params, s) for s in stage.sections]
     module = importlib.import_module(stage.module)
     return cache.write_stage(root / name, name, key, lambda out: module.run(*sections, *[m.dir for m in upstream], out))
 
 
 def key_args(stage: Stage, params: Params, upstream: list[cache.Manifest]) -> list[Any]:
     """The arguments of the stage's cache key, in the order its Prefect task takes them."""
-    args: list[Any] = [getattr(params, s) for s in stage.sections]
+    args: list[Any] = [_value(params, s) for s in stage.sections]
     if stage.fingerprint:
-        section, field = stage.fingerprint.split(".")
-        args.append(inputs.fingerprint(getattr(getattr(params, section), field), stage.fingerprint))
+        args.append(inputs.fingerprint(_value(params, stage.fingerprint), stage.fingerprint))
     return [*args, *upstream]
 
 
@@ -135,6 +135,14 @@ def _publish(params: Params, root: Path) -> cache.Manifest:
                              lambda out: publish.run_in_pipeline(params, manifests, out))
 
 
+def _value(params: Params, dotted: str) -> Any:
+    """A params section ("quant") or one value ("tidl.target_device")."""
+    value: Any = params
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _stage(name: str) -> Stage:
     if name not in STAGES:
         raise UserError(f"unknown stage {name!r}; the stages are: {', '.join([*STAGES, PUBLISH])}.")
@@ -172,8 +180,7 @@ def _local_input(stage: Stage, params: Params) -> str | None:
     """A local file or folder named in params (data.source, model.weights) is a DVC dependency too."""
     if not stage.fingerprint:
         return None
-    section, field = stage.fingerprint.split(".")
-    value = getattr(getattr(params, section), field)
+    value = _value(params, stage.fingerprint)
     if value in (None, "digits") or str(value).startswith("s3://"):
         return None
     return str(value)

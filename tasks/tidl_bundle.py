@@ -17,7 +17,7 @@ import yaml
 from prefect import task
 
 from tasks import cache, files, tidl_compat
-from tasks.params import TidlParams
+from tasks.params import POWER_OF_2_DEVICES, TidlParams
 from tasks.prepare_data import load_split
 
 # What `export SOC=...` selects in edgeai-tidl-tools for each target device (tidl.md §1a).
@@ -53,7 +53,7 @@ def tidl_bundle_task(root: Path, tidl: TidlParams, qdq: cache.Manifest, data: ca
 
 def compile_options(tidl: TidlParams) -> dict[str, Any]:
     """The flat options dict of the ONNX Runtime TIDL EP for a pre-quantized QDQ model (tidl.md §1, §6)."""
-    power_of_2 = tidl.target_device in tidl_compat.P2_DEVICES
+    power_of_2 = tidl.target_device in POWER_OF_2_DEVICES
     return {
         "tidl_tools_path": "${TIDL_TOOLS_PATH}",
         "artifacts_folder": "artifacts",

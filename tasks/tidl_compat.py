@@ -1,6 +1,7 @@
 """Checks a QDQ ONNX model against what TIDL's ONNX Runtime EP accepts (reference/tidl.md §2, §3, §6).
 
-Each finding names the node, the rule, and its consequence:
+Model-level, Q/DQ and operator-list rules live here; the per-operator constraints of §3 are in `tasks.tidl_ops`,
+dispatched by op type through `OP_RULES`. Each finding names the node, the rule, and its consequence:
 - `reject`: TIDL will refuse the model or compile it wrongly (fix before compiling);
 - `arm`: the node is not offloaded and runs on the Arm cores (slower, not wrong);
 - `warn`: allowed, but outside what TI documents as validated.
@@ -8,11 +9,15 @@ Each finding names the node, the rule, and its consequence:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from tasks import tidl_ops
+from tasks.tidl_ops import P2_DEVICES, GraphInfo  # P2_DEVICES stays public here: tidl_bundle reads it
 
 # tidl.md §3: ONNX operators with a TIDL layer (11.0). Anything else runs on Arm.
 SUPPORTED_OPS = frozenset("""
@@ -24,8 +29,35 @@ InstanceNormalization SpaceToDepth Acos Atan Sinh Neg Cos Cosh Tan
 """.split())
 # Supported only as part of a fused pattern, or only at the graph's ends.
 NOT_ALONE = frozenset({"Dropout", "Erf", "Identity", "ReduceMean"})
-P2_DEVICES = frozenset({"tda4vm", "am68pa"})
 QDQ_8BIT = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+
+# tidl.md §3: '"≤N-D" means the number of non-singleton variable input dimensions must be ≤ N'.
+FOUR_D = """Conv AveragePool GlobalAveragePool MaxPool Gemm MatMul ConvTranspose Slice Split ArgMax Upsample Resize
+DepthToSpace SpaceToDepth ScatterND ScatterElements""".split()
+SIX_D = """Relu PRelu Sum Add Mul Div Sub Max Softmax BatchNormalization Concat Flatten Sigmoid Pad Squeeze Tanh
+HardSigmoid Elu Reshape Transpose LayerNormalization Clip LeakyRelu Sqrt Pow Asin Asinh HardSwish Mish Log Unsqueeze
+Abs Floor Exp Sin InstanceNormalization Acos Atan Sinh Neg Cos Cosh Tan""".split()
+RANK_LIMITS = {**dict.fromkeys(SIX_D, 6), **dict.fromkeys(FOUR_D, 4)}
+
+# The per-operator constraints of tidl.md §3, by op type (tasks/tidl_ops.py quotes each one).
+OP_RULES: dict[str, Callable[[onnx.NodeProto, GraphInfo], list[dict[str, Any]]]] = {
+    "Conv": tidl_ops.check_conv,
+    "AveragePool": tidl_ops.check_pool,
+    "MaxPool": tidl_ops.check_pool,
+    "GlobalAveragePool": tidl_ops.check_global_pool,
+    "Gemm": tidl_ops.check_gemm,
+    "MatMul": tidl_ops.check_matmul,
+    "Resize": tidl_ops.check_resize,
+    "Upsample": tidl_ops.check_resize,
+    "Concat": tidl_ops.check_concat,
+    "Softmax": tidl_ops.check_softmax,
+    "ArgMax": tidl_ops.check_argmax,
+    "ReduceMin": tidl_ops.check_reduce,
+    "ReduceMax": tidl_ops.check_reduce,
+    "Pad": tidl_ops.check_pad,
+    "Reshape": tidl_ops.check_reshape,
+    "Slice": tidl_ops.check_slice,
+}
 
 
 def check(model: onnx.ModelProto, target_device: str) -> list[dict[str, Any]]:
@@ -35,10 +67,15 @@ def check(model: onnx.ModelProto, target_device: str) -> list[dict[str, Any]]:
     findings = _check_model_level(model)
     graph_inputs = {i.name for i in graph.input}
     graph_outputs = {o.name for o in graph.output}
+    info = GraphInfo.of(model, target_device)
     for node in graph.node:
         findings += _check_op(node, graph_inputs, graph_outputs)
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             findings += _check_qdq(node, inits, target_device)
+        elif node.op_type in SUPPORTED_OPS:
+            findings += _check_rank(node, info)
+            if node.op_type in OP_RULES:
+                findings += OP_RULES[node.op_type](node, info)
     return findings
 
 
@@ -72,6 +109,8 @@ def _check_model_level(model: onnx.ModelProto) -> list[dict[str, Any]]:
 
 def _check_op(node: onnx.NodeProto, graph_inputs: set[str], graph_outputs: set[str]) -> list[dict[str, Any]]:
     op = node.op_type
+    if op == "Constant":  # ONNX Runtime turns Constant nodes into initializers before TIDL partitions the graph
+        return []
     if op == "Cast":
         at_end = set(node.input) & graph_inputs or set(node.output) & graph_outputs
         if not at_end:
@@ -82,6 +121,23 @@ def _check_op(node: onnx.NodeProto, graph_inputs: set[str], graph_outputs: set[s
         return [_finding(_name(node), op, "not supported on its own", "arm", f"{op} runs on Arm")]
     if op not in SUPPORTED_OPS:
         return [_finding(_name(node), op, "operator not in TIDL's supported list", "arm", f"{op} runs on Arm")]
+    return []
+
+
+def _check_rank(node: onnx.NodeProto, g: GraphInfo) -> list[dict[str, Any]]:
+    """tidl.md §3: '≤4-D' for Conv, Pooling, Gemm, MatMul, Resize, Slice, ArgMax ...; '≤6-D' for the element-wise and
+    activation layers. Counts the non-singleton dimensions of the data input (4-D ops) or of every variable input."""
+    limit = RANK_LIMITS.get(node.op_type)
+    if limit is None:
+        return []
+    names = node.input[:1] if limit == 4 else [n for n in node.input if n and not g.is_const(n)]
+    for name in names:
+        shape = g.shape(name)
+        count = None if shape is None else sum(d != 1 for d in shape)
+        if count is not None and count > limit:
+            return [tidl_ops.finding(node, f"input at most {limit}-D", "arm",
+                                     f"input {name!r} of shape {shape} has {count} non-singleton dimensions; TIDL's "
+                                     f"{node.op_type} takes at most {limit}")]
     return []
 
 

@@ -20,15 +20,16 @@ from tasks.params import QatParams, QuantParams
 from tasks.prepare_data import load_split
 
 
-def run(quant: QuantParams, qat: QatParams, model_dir: Path, data_dir: Path, out: Path) -> dict:
+def run(quant: QuantParams, qat: QatParams, target_device: str, model_dir: Path, data_dir: Path, out: Path) -> dict:
     """Quantization-aware training of the float model on the train split; val accuracy after each epoch."""
     spec = files.read_json(Path(model_dir) / "model.json")
-    engine = qconfig.engine_for(quant.qconfig)
+    recipe = qconfig.recipe_for(quant, target_device)
+    engine = qconfig.engine_for(recipe.preset)
     freeze_bn = qat.freeze_bn_epoch if qat.freeze_bn_epoch is not None else max(1, qat.epochs // 2)
     freeze_obs = qat.freeze_observer_epoch if qat.freeze_observer_epoch is not None else qat.epochs // 2 + 1
     with qconfig.quantized_engine(engine):
         torch.manual_seed(qat.seed)
-        prepared = qconfig.prepare(models.load(model_dir), quant.qconfig, True, spec["input_shape"], spec["source"])
+        prepared = qconfig.prepare(models.load(model_dir), recipe, True, spec["input_shape"], spec["source"])
         x, y = load_split(data_dir, "train")
         x_val, y_val = load_split(data_dir, "val")
 
@@ -47,18 +48,18 @@ def run(quant: QuantParams, qat: QatParams, model_dir: Path, data_dir: Path, out
                                      weight_decay=qat.weight_decay, seed=qat.seed)
         history = training.train(prepared, x, y, schedule, "QAT", before_epoch, after_epoch)
         torch.save(prepared.state_dict(), out / "prepared.pt")
-    info = {"mode": "qat", "qconfig": quant.qconfig, "engine": engine, "epochs": qat.epochs,
-            "freeze_bn_epoch": freeze_bn, "freeze_observer_epoch": freeze_obs, "history": history}
+    info = qconfig.recipe_record(recipe, "qat", engine) | {
+        "epochs": qat.epochs, "freeze_bn_epoch": freeze_bn, "freeze_observer_epoch": freeze_obs, "history": history}
     files.write_json(out / "prepared.json", info)
     return {k: v for k, v in info.items() if k != "history"} | {"final": history[-1]}
 
 
 @task(name="train_qat", **cache.TASK_OPTIONS)
-def train_qat_task(root: Path, quant: QuantParams, qat: QatParams, model: cache.Manifest,
+def train_qat_task(root: Path, quant: QuantParams, qat: QatParams, target_device: str, model: cache.Manifest,
                    data: cache.Manifest) -> cache.Manifest:
     """Prefect task: `run` through the stage cache."""
-    return cache.build(root, "train_qat", __name__, [quant, qat, model, data],
-                       lambda out: run(quant, qat, model.dir, data.dir, out))
+    return cache.build(root, "train_qat", __name__, [quant, qat, target_device, model, data],
+                       lambda out: run(quant, qat, target_device, model.dir, data.dir, out))
 
 
 @contextlib.contextmanager

@@ -12,58 +12,20 @@ import torch
 from onnx import numpy_helper
 
 from tasks import (
-    calibrate,
     convert,
-    evaluate_float,
     export_qdq,
     files,
-    float_model,
     metrics,
     qconfig,
-    train_qat,
     verify_onnx,
 )
 from tasks.params import (
-    DataParams,
-    ExportParams,
-    FloatTrainParams,
-    ModelParams,
     QatParams,
     QuantParams,
     VerifyParams,
 )
 from tasks.prepare_data import load_split
-from tasks.prepare_data import run as prepare
-
-
-def stage(tmp: Path, name: str, fn, *args) -> Path:
-    out = tmp / name
-    out.mkdir()
-    fn(*args, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("quant")
-    data = stage(tmp, "data", prepare, DataParams(image_size=16))
-    model = stage(tmp, "model", float_model.run, ModelParams(source="mobilenet_v2_tiny"),
-                  FloatTrainParams(epochs=4), data)
-    float_eval = stage(tmp, "float", evaluate_float.run, ExportParams(), model, data)
-    return {"tmp": tmp, "data": data, "model": model, "float": float_eval}
-
-
-def quantize(base: dict[str, Path], tag: str, quant: QuantParams, qat: QatParams | None = None) -> dict[str, Path]:
-    tmp = base["tmp"] / tag
-    tmp.mkdir()
-    if qat is None:
-        prepared = stage(tmp, "prepared", calibrate.run, quant, base["model"], base["data"])
-    else:
-        prepared = stage(tmp, "prepared", train_qat.run, quant, qat, base["model"], base["data"])
-    int8 = stage(tmp, "int8", convert.run, prepared, base["model"], base["data"])
-    qdq = stage(tmp, "qdq", export_qdq.run, ExportParams(), int8, prepared, base["model"])
-    verify = stage(tmp, "verify", verify_onnx.run, VerifyParams(), qdq, base["float"], int8, base["data"])
-    return {"prepared": prepared, "int8": int8, "qdq": qdq, "verify": verify}
+from tests.unit.conftest import quantize
 
 
 def test_fx_graph_mode_quantization_still_ships() -> None:
