@@ -140,6 +140,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         (f"torch int8 accuracy, {summary['torch_int8']['engine']} engine (%)",
          f"{summary['torch_int8']['accuracy']:.2f}"),
         ("TIDL lint: reject / arm / warn", "{reject} / {arm} / {warn}".format(**summary["tidl"]["compat"])),
+        *baseline_rows(summary.get("baseline")),
         ("gate", "[green]passed[/]" if summary["gate"]["passed"] else "[red]failed[/]"),
     ]
     for row in rows:
@@ -148,6 +149,15 @@ def print_summary(summary: dict[str, Any]) -> None:
     for warning in summary.get("warnings", []):
         errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"QDQ model: {summary['artifacts']['qdq_onnx']}\nTIDL bundle: {summary['artifacts']['tidl_bundle']}")
+
+
+def baseline_rows(baseline: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The peer baseline's rows of the metrics table."""
+    if not baseline:
+        return []
+    return [(f"onnxruntime quantize_static ({baseline['method']}): accuracy (%)", f"{baseline['accuracy']:.2f}"),
+            ("onnxruntime quantize_static: logit SQNR (dB)", f"{baseline['sqnr_db']:.1f}"),
+            ("ours - onnxruntime: SQNR (dB)", f"{baseline['ours_minus_baseline']['sqnr_db']:+.1f}")]
 
 
 def main() -> None:

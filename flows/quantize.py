@@ -12,6 +12,7 @@ from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from tasks import storage, tracking
+from tasks.baseline_ort import baseline_ort_task
 from tasks.cache import StageRunner
 from tasks.calibrate import calibrate_task
 from tasks.convert import convert_task
@@ -23,6 +24,7 @@ from tasks.inputs import fingerprint
 from tasks.params import Params, load_params
 from tasks.prepare_data import prepare_data_task
 from tasks.publish import histories, publish_task
+from tasks.sensitivity import sensitivity_task
 from tasks.tidl_bundle import tidl_bundle_task
 from tasks.train_qat import train_qat_task
 from tasks.verify_onnx import verify_onnx_task
@@ -57,6 +59,8 @@ def run_pipeline(p: Params, run: tracking.TrackedRun) -> dict[str, Any]:
     data = stages.run(prepare_data_task, p.data, fingerprint(p.data.source, "data.source"))
     model = stages.run(float_model_task, p.model, p.float_train, fingerprint(p.model.weights, "model.weights"), data)
     float_eval = stages.run(evaluate_float_task, p.export, model, data)
+    if p.verify.baseline == "ort":
+        stages.run(baseline_ort_task, p.quant, float_eval, data)
     device = p.tidl.target_device
     if p.quant.mode == "qat":
         prepared = stages.run(train_qat_task, p.quant, p.qat, device, model, data)
@@ -65,7 +69,9 @@ def run_pipeline(p: Params, run: tracking.TrackedRun) -> dict[str, Any]:
     int8 = stages.run(convert_task, prepared, model, data)
     qdq = stages.run(export_qdq_task, p.export, device, int8, prepared, model)
     stages.run(verify_onnx_task, p.verify, qdq, float_eval, int8, data)
-    stages.run(tidl_bundle_task, p.tidl, qdq, data)
+    sensitivity = stages.run(sensitivity_task, p.sensitivity, prepared, model, data, qdq) \
+        if p.sensitivity.enabled else None
+    stages.run(tidl_bundle_task, p.tidl, qdq, data, sensitivity)
     ids["s3_uri"] = dest.uri if dest else None
     summary = publish_task(p, stages.manifests, stages.timings, ids, [run.warning] if run.warning else [])
     tracking.track_task(run, p, summary, p.model_dir.resolve(), histories(stages.manifests))

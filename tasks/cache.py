@@ -103,24 +103,37 @@ class StageRunner:
         self.manifests: dict[str, Manifest] = {}
         self.timings: dict[str, dict[str, Any]] = {}
 
-    def run(self, stage_task: Any, *args: Any) -> Manifest:
+    def run(self, stage_task: Any, *args: Any, label: str | None = None) -> Manifest:
         """Call a stage's Prefect task through the cache and return its manifest; re-raise its exception.
 
         When the stage's folder is gone or damaged, the task runs with `refresh_cache=True`, which replaces the
-        stale Prefect record; the manifest returned is always the one on disk.
+        stale Prefect record; the manifest returned is always the one on disk. `label` names it in the timings.
         """
-        name = stage_task.name
-        folder = stage_dir(self.root, name, stage_key(name, stage_task.fn.__module__, args))
-        refresh = load_intact(folder) is None
+        return self.run_many(stage_task, [args], [label or stage_task.name])[0]
+
+    def run_many(self, stage_task: Any, calls: list[tuple], labels: list[str]) -> list[Manifest]:
+        """Submit several calls of one stage at once (Prefect runs them on its thread pool), wait for all, and
+        return their manifests in order; each label's time is the whole group's wall time."""
+        name, module = stage_task.name, stage_task.fn.__module__
+        folders = [stage_dir(self.root, name, stage_key(name, module, args)) for args in calls]
         started = time.perf_counter()
-        state = stage_task.with_options(refresh_cache=refresh)(self.root, *args, return_state=True)
-        state.result()
-        manifest = load_intact(folder)
-        if manifest is None:
-            raise RuntimeError(f"stage {name} finished, but its folder {folder} is missing or damaged")
-        self.manifests[name] = manifest
-        self.timings[name] = {"cached": state.name == "Cached", "seconds": round(time.perf_counter() - started, 3)}
-        return manifest
+        futures = [stage_task.with_options(refresh_cache=load_intact(folder) is None).submit(self.root, *args)
+                   for folder, args in zip(folders, calls, strict=True)]
+        for future in futures:
+            future.wait()
+        states = [future.state for future in futures]
+        for state in states:
+            state.result()  # re-raises the first failure
+        seconds = round(time.perf_counter() - started, 3)
+        manifests = []
+        for label, folder, state in zip(labels, folders, states, strict=True):
+            manifest = load_intact(folder)
+            if manifest is None:
+                raise RuntimeError(f"stage {name} finished, but its folder {folder} is missing or damaged")
+            self.manifests[label] = manifest
+            self.timings[label] = {"cached": state.name == "Cached", "seconds": seconds}
+            manifests.append(manifest)
+        return manifests
 
 
 @functools.cache

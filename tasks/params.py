@@ -128,6 +128,18 @@ class VerifyParams(Section):
 
     max_accuracy_drop: float = Field(1.0, ge=0, description="points of accuracy the int8 model may lose")
     min_sqnr_db: float = Field(20.0, description="minimum SQNR of int8 logits against float logits, in dB")
+    baseline: Literal["ort", "none"] = Field("ort", description="ort: also quantize the float ONNX model with "
+                                            "onnxruntime's quantize_static and report it beside ours")
+
+
+class SensitivityParams(Section):
+    """Per-layer sensitivity: which quantized layers cost the most, offered to TIDL in 16 bits."""
+
+    enabled: bool = True
+    top_k: int = Field(3, ge=0, description="how many of the worst layers to name")
+    images: int = Field(200, ge=1, description="val images used (the stage runs the model once per layer)")
+    min_gain_db: float = Field(1.0, ge=0, description="a layer is offered for 16 bits only when leaving it in float "
+                               "gains at least this much logit SQNR (on a healthy model the ranking is noise)")
 
 
 class TidlParams(Section):
@@ -164,6 +176,7 @@ class Params(Section):
     qat: QatParams = Field(default_factory=QatParams)
     export: ExportParams = Field(default_factory=ExportParams)
     verify: VerifyParams = Field(default_factory=VerifyParams)
+    sensitivity: SensitivityParams = Field(default_factory=SensitivityParams)
     tidl: TidlParams = Field(default_factory=TidlParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     storage: StorageParams = Field(default_factory=StorageParams)

@@ -31,6 +31,7 @@ class Stage:
     sections: tuple[str, ...]
     inputs: tuple[str, ...]
     fingerprint: str | None = None  # dotted params field naming a file whose content is part of the key
+    switch: str | None = None  # dotted params field that turns the stage on or off (a DVC param, not a run() argument)
 
     @property
     def module(self) -> str:
@@ -42,15 +43,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare_data", ("data",), (), "data.source"),
     Stage("float_model", ("model", "float_train"), ("prepare_data",), "model.weights"),
     Stage("evaluate_float", ("export",), ("float_model", "prepare_data")),
+    Stage("baseline_ort", ("quant",), ("evaluate_float", "prepare_data"), switch="verify.baseline"),
     Stage("calibrate", ("quant", "tidl.target_device"), ("float_model", "prepare_data")),
     Stage("train_qat", ("quant", "qat", "tidl.target_device"), ("float_model", "prepare_data")),
     Stage("convert", (), (PREPARED, "float_model", "prepare_data")),
     Stage("export_qdq", ("export", "tidl.target_device"), ("convert", PREPARED, "float_model")),
     Stage("verify_onnx", ("verify",), ("export_qdq", "evaluate_float", "convert", "prepare_data")),
-    Stage("tidl_bundle", ("tidl",), ("export_qdq", "prepare_data")),
+    Stage("sensitivity", ("sensitivity",), (PREPARED, "float_model", "prepare_data", "export_qdq")),
+    Stage("tidl_bundle", ("tidl",), ("export_qdq", "prepare_data", "sensitivity")),
 )}
 PUBLISH = "publish"
-ALL_SECTIONS = ("data", "model", "float_train", "quant", "qat", "export", "verify", "tidl")
 
 
 def run(name: str, params: Params, root: Path = ROOT) -> cache.Manifest:
@@ -83,9 +85,13 @@ def current(name: str, params: Params, root: Path, needed_by: str) -> cache.Mani
         raise UserError(f"stage {needed_by} needs {folder}/, made by stage {name}, and it is missing or damaged. "
                         f"Run `dvc repro {needed_by}` (or `tidlq stage {name}` first).")
     stage = STAGES[name]
-    upstream = [cache.load_intact(root / _resolve(i, params)) for i in stage.inputs]
-    if any(m is None for m in upstream) or manifest.key != cache.stage_key(
-            name, stage.module, key_args(stage, params, upstream)):  # type: ignore[arg-type]
+    if _inactive(stage, params):
+        expected = _skip_key(stage, params)
+    else:
+        upstream = [cache.load_intact(root / _resolve(i, params)) for i in stage.inputs]
+        expected = None if any(m is None for m in upstream) else cache.stage_key(
+            name, stage.module, key_args(stage, params, upstream))  # type: ignore[arg-type]
+    if manifest.key != expected:
         raise UserError(f"stage {needed_by} needs {folder}/, but it was built from other params or inputs than the "
                         f"current ones (params.yaml sections {', '.join(stage.sections) or 'none'}, or an earlier "
                         f"stage changed). Run `dvc repro {needed_by}` to rebuild what is out of date.")
@@ -105,7 +111,7 @@ def dvc_yaml(params: Params) -> dict[str, Any]:
     stages[PUBLISH] = {
         "cmd": f"tidlq stage {PUBLISH}",
         "deps": sorted(_code_files("tasks.publish")) + [f"{ROOT}/{s}" for s in STAGES],
-        "params": list(ALL_SECTIONS),
+        "params": list(Params.model_fields),  # summary.json carries the digest of all params
         "outs": [f"{publish}/report", {f"{publish}/accuracy.json": {"cache": False}},
                  {f"{publish}/training.json": {"cache": False}}],
         "metrics": [{f"{publish}/metrics.json": {"cache": False}}],
@@ -118,8 +124,9 @@ def dvc_yaml(params: Params) -> dict[str, Any]:
 
 
 def _dvc_params(stage: Stage) -> list[str]:
-    """The params.yaml keys a stage reads: its sections, and quant.mode when it picks calibrate or train_qat."""
-    keys = list(stage.sections)
+    """The params.yaml keys a stage reads: its sections, its switch, and quant.mode when it picks calibrate or
+    train_qat."""
+    keys = list(stage.sections) + ([stage.switch] if stage.switch else [])
     if PREPARED in stage.inputs and "quant" not in keys:
         keys.append("quant.mode")
     return keys
@@ -159,16 +166,26 @@ def _both(name: str) -> tuple[str, ...]:
     return ("calibrate", "train_qat") if name == PREPARED else (name,)
 
 
-def _inactive(stage: Stage, params: Params) -> bool:
-    return stage.name in ("calibrate", "train_qat") and _resolve(PREPARED, params) != stage.name
+def _inactive(stage: Stage, params: Params) -> str | None:
+    """Why a stage does nothing with these params (None: it runs)."""
+    if stage.name in ("calibrate", "train_qat") and _resolve(PREPARED, params) != stage.name:
+        return f"quant.mode is {params.quant.mode}"
+    if stage.name == "baseline_ort" and params.verify.baseline != "ort":
+        return f"verify.baseline is {params.verify.baseline}"
+    if stage.name == "sensitivity" and not params.sensitivity.enabled:
+        return "sensitivity.enabled is false"
+    return None
 
 
 def _skip(stage: Stage, params: Params, root: Path) -> cache.Manifest:
-    """The stage not used in this quant.mode: a constant folder, so that DVC sees no change downstream."""
-    key = files.sha256_json({"skipped": stage.name, "mode": params.quant.mode})
-    reason = {"skipped": True, "reason": f"quant.mode is {params.quant.mode}"}
-    return cache.write_stage(root / stage.name, stage.name, key,
+    """A stage these params do not use: a constant folder, so that DVC sees no change downstream."""
+    reason = {"skipped": True, "reason": _inactive(stage, params)}
+    return cache.write_stage(root / stage.name, stage.name, _skip_key(stage, params),
                              lambda out: files.write_json(out / "skipped.json", reason) or reason)
+
+
+def _skip_key(stage: Stage, params: Params) -> str:
+    return files.sha256_json({"skipped": stage.name, "why": _inactive(stage, params)})
 
 
 def _code_files(module: str) -> set[str]:

@@ -37,6 +37,9 @@ def run(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], i
         for (stage, name), published in PUBLISHED_FILES.items():
             shutil.copyfile(stages[stage].path(name), tmp / published)
         shutil.copytree(stages["tidl_bundle"].path("tidl"), tmp / "tidl")
+        if "sensitivity" in stages:
+            for name in ("sensitivity.json", "sensitivity.png"):
+                shutil.copyfile(stages["sensitivity"].path(name), tmp / name)
         files.write_json(tmp / "params.json", params.model_dump(mode="json"))
         files.write_json(tmp / "summary.json", summary)
         report.write(summary, files.read_json(stages["verify_onnx"].path("verify.json")), histories(stages), tmp)
@@ -100,6 +103,27 @@ def compat_warnings(counts: dict[str, int], device: str) -> list[str]:
     return notes
 
 
+def sensitivity_summary(stages: dict[str, Manifest]) -> dict[str, Any] | None:
+    """The worst layers (ONNX output names, what TIDL matches) and what leaving each in float gains."""
+    if "sensitivity" not in stages:
+        return None
+    report = files.read_json(stages["sensitivity"].path("sensitivity.json"))
+    top = [{k: row[k] for k in ("layer", "onnx_output", "sqnr_gain_db", "layer_sqnr_db")}
+           for row in report["layers"][:len(report["worst"])]]
+    return {"worst": top, "for_16bit": report["for_16bit"]}
+
+
+def baseline_summary(stages: dict[str, Manifest], verify: dict) -> dict[str, Any] | None:
+    """onnxruntime's best quantize_static result beside ours, and how far ahead we are (positive: we are better)."""
+    if "baseline_ort" not in stages:
+        return None
+    ort = files.read_json(stages["baseline_ort"].path("baseline.json"))
+    numbers = {k: ort[k] for k in ("accuracy", "accuracy_drop", "agreement", "sqnr_db")}
+    return {"tool": "onnxruntime.quantize_static", "method": ort["best"], **numbers,
+            "ours_minus_baseline": {"sqnr_db": verify["int8"]["sqnr_db"] - ort["sqnr_db"],
+                                    "accuracy": verify["int8"]["accuracy"] - ort["accuracy"]}}
+
+
 def build_summary(params: Params, stages: dict[str, Manifest], timings: dict[str, dict],
                   artifacts: dict[str, str]) -> dict:
     """summary.json: the numbers every run reports (ARCHITECTURE.md), the stages, and where the artifacts are."""
@@ -122,6 +146,8 @@ def build_summary(params: Params, stages: dict[str, Manifest], timings: dict[str
         "warnings": verify["warnings"] + compat_warnings(tidl["compat"], params.tidl.target_device),
         "tidl": {"compat": tidl["compat"], "quantization_scale_type":
                  tidl["options"]["advanced_options:quantization_scale_type"]},
+        "baseline": baseline_summary(stages, verify),
+        "sensitivity": sensitivity_summary(stages),
         "dataset": {"digest": data["digest"], "source": data["source"], "sizes": data["sizes"],
                     "input_shape": data["input_shape"], "normalisation": data["normalisation"]},
         "params_digest": files.sha256_json(flatten(params)),

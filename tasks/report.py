@@ -98,6 +98,11 @@ def _markdown(summary: dict, images: list[str]) -> str:
         ("TIDL lint (reject / arm / warn)", "{reject} / {arm} / {warn}".format(**summary["tidl"]["compat"])),
         ("gate", gate),
     ]
+    if summary.get("baseline"):
+        b = summary["baseline"]
+        rows += [(f"peer baseline: onnxruntime quantize_static ({b['method']}), accuracy (%)", f"{b['accuracy']:.2f}"),
+                 ("peer baseline: logit SQNR (dB)", f"{b['sqnr_db']:.1f}"),
+                 ("ours - baseline: SQNR (dB)", f"{b['ours_minus_baseline']['sqnr_db']:+.1f}")]
     lines = [f"# {summary['model']}: {summary['mode']} / {summary['qconfig']} / {summary['target_device']}", "",
              "| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
     lines += [f"- warning: {w}" for w in summary["warnings"]]

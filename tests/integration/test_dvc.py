@@ -66,8 +66,8 @@ def test_committed_dvc_yaml_is_generated_from_the_stage_table(tmp_path: Path) ->
 
 def test_repro_builds_then_reruns_only_what_changed(repo: Path) -> None:
     first = sh(repo, "dvc", "repro").stdout
-    assert ran(first) == ["prepare_data", "float_model", "evaluate_float", "calibrate", "train_qat", "convert",
-                          "export_qdq", "verify_onnx", "tidl_bundle", "publish"]
+    assert ran(first) == ["prepare_data", "float_model", "evaluate_float", "baseline_ort", "calibrate", "train_qat",
+                          "convert", "export_qdq", "verify_onnx", "sensitivity", "tidl_bundle", "publish"]
     assert files.read_json(repo / "pipeline" / "calibrate" / "skipped.json")["reason"] == "quant.mode is qat"
     metrics = files.read_json(repo / "pipeline" / "publish" / "metrics.json")
     assert metrics["int8.accuracy"] > 80.0 and metrics["gate.passed"] == 1.0
@@ -79,7 +79,7 @@ def test_repro_builds_then_reruns_only_what_changed(repo: Path) -> None:
 
     set_params(repo, {"qat": {"epochs": 2}})
     assert ran(sh(repo, "dvc", "repro").stdout) == ["train_qat", "convert", "export_qdq", "verify_onnx",
-                                                     "tidl_bundle", "publish"]
+                                                     "sensitivity", "tidl_bundle", "publish"]
     set_params(repo, {"verify": {"max_accuracy_drop": 50.0}})
     assert ran(sh(repo, "dvc", "repro").stdout) == ["verify_onnx", "publish"]
 

@@ -16,8 +16,8 @@ from tasks.export_qdq import FORBIDDEN_OPS
 from tests.conftest import FAST, PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare_data", "float_model", "evaluate_float", "calibrate", "convert", "export_qdq", "verify_onnx",
-          "tidl_bundle"]
+STAGES = ["prepare_data", "float_model", "evaluate_float", "baseline_ort", "calibrate", "convert", "export_qdq",
+          "verify_onnx", "sensitivity", "tidl_bundle"]
 QAT_STAGES = [s if s != "calibrate" else "train_qat" for s in STAGES]
 
 
@@ -61,7 +61,7 @@ def test_cache_reruns_exactly_what_changed(prefect_api: str, tmp_path: Path) -> 
     assert second["stage_keys"] == first["stage_keys"]
 
     third = quantize(None, overrides | {"qat.epochs": 2})
-    assert ran(third) == ["train_qat", "convert", "export_qdq", "verify_onnx", "tidl_bundle"]
+    assert ran(third) == ["train_qat", "convert", "export_qdq", "verify_onnx", "sensitivity", "tidl_bundle"]
 
     export_dir = tmp_path / ".stages" / "export_qdq" / third["stage_keys"]["export_qdq"][:16]
     shutil.rmtree(export_dir)

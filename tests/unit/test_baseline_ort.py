@@ -56,7 +56,6 @@ def test_every_method_is_close_to_float(base: dict[str, Path], baseline: Path) -
         assert m["accuracy_drop"] == pytest.approx(reference - m["accuracy"]), name
         assert m["sqnr_db"] > MIN_SQNR_DB, name
         assert m["agreement"] >= 100.0 - MAX_DROP, name
-        assert m["seconds"] > 0, name
 
 
 def test_best_is_the_highest_sqnr_and_the_written_model(base: dict[str, Path], baseline: Path) -> None:
@@ -126,17 +125,9 @@ def test_written_model_is_tidl_typed_qdq(baseline: Path) -> None:
 def test_same_inputs_give_the_same_files(base: dict[str, Path], baseline: Path) -> None:
     again = base["tmp"] / "baseline_again"
     again.mkdir()
-    facts = baseline_ort.run(QuantParams(), base["float"], base["data"], again)
-    assert "seconds" not in facts  # the manifest's facts must not vary between identical runs
-    assert files.sha256_file(again / "model_ort_qdq.onnx") == files.sha256_file(baseline / "model_ort_qdq.onnx")
-
-    def without_seconds(result: dict) -> dict:
-        result.pop("seconds")
-        return result | {"methods": {k: {n: v for n, v in m.items() if n != "seconds"}
-                                     for k, m in result["methods"].items()}}
-
-    first, second = (files.read_json(d / "baseline.json") for d in (baseline, again))
-    assert without_seconds(first) == without_seconds(second)
+    baseline_ort.run(QuantParams(), base["float"], base["data"], again)
+    for name in ("model_ort_qdq.onnx", "baseline.json"):
+        assert files.sha256_file(again / name) == files.sha256_file(baseline / name)
 
 
 def test_pick_best_breaks_ties_by_accuracy_then_order() -> None:

@@ -105,15 +105,20 @@ def bundle(tmp_path: Path) -> Path:
     onnx.save(qdq_conv_model(), qdq / "model_qdq.onnx")
     out = tmp_path / "bundle"
     out.mkdir()
-    tidl_bundle.run(TidlParams(target_device="am62a", calibration_frames=3), qdq, data, out)
+    (tmp_path / "sens").mkdir()
+    (tmp_path / "sens" / "sensitivity.json").write_text('{"for_16bit": ["/2_1/Clip_output_0", "/logits"]}')
+    tidl_bundle.run(TidlParams(target_device="am62a", calibration_frames=3), qdq, data, tmp_path / "sens", out)
     return out / "tidl"
 
 
 def test_bundle_contents(bundle: Path) -> None:
     assert sorted(p.name for p in bundle.iterdir()) == ["calib_inputs.npy", "compat.json", "compile.py",
-                                                      "compile_options.yaml", "model_qdq.onnx"]
+                                                      "compile_options.yaml", "compile_options_16bit.yaml",
+                                                      "model_qdq.onnx"]
     options = yaml.safe_load((bundle / "compile_options.yaml").read_text())
     assert set(options) == EXPECTED_KEYS
+    sixteen = yaml.safe_load((bundle / "compile_options_16bit.yaml").read_text())
+    assert sixteen == options | {"advanced_options:output_feature_16bit_names_list": "/2_1/Clip_output_0,/logits"}
     assert "export SOC=am62a" in (bundle / "compile_options.yaml").read_text()
     frames = np.load(bundle / "calib_inputs.npy")
     assert frames.shape == (3, 1, 8, 8) and frames.dtype == np.float32
