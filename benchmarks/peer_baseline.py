@@ -17,11 +17,23 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 from rich.console import Console
 from rich.table import Table
 
-from tasks import baseline_ort, calibrate, convert, evaluate_float, export_qdq, files, float_model, verify_onnx
-from tasks.params import BUILTIN_MODELS, Params, load_params
+from tasks import (
+    autopilot,
+    baseline_ort,
+    calibrate,
+    convert,
+    evaluate_float,
+    export_qdq,
+    files,
+    float_model,
+    tidl_compat,
+    verify_onnx,
+)
+from tasks.params import BUILTIN_MODELS, Params, QuantParams, load_params
 from tasks.prepare_data import run as prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,16 +47,38 @@ def stage(tmp: Path, name: str, work: Callable[[Path], dict]) -> Path:
     return out
 
 
+def ptq(p: Params, quant: QuantParams, device: str, model: Path, data: Path, float_eval: Path,
+        tmp: Path) -> tuple[Path, Path, dict]:
+    """calibrate, convert, export_qdq, verify_onnx with one recipe for one device: (prepared, qdq, verify.json)."""
+    tmp.mkdir(parents=True)
+    prepared = stage(tmp, "prepared", lambda o: calibrate.run(quant, device, model, data, o))
+    int8 = stage(tmp, "int8", lambda o: convert.run(prepared, model, data, o))
+    qdq = stage(tmp, "qdq", lambda o: export_qdq.run(p.export, device, int8, prepared, model, o))
+    verify = stage(tmp, "verify", lambda o: verify_onnx.run(p.verify, qdq, float_eval, int8, data, o))
+    return prepared, qdq, files.read_json(verify / "verify.json")
+
+
+def autopilot_result(p: Params, model: Path, data: Path, float_eval: Path, tmp: Path) -> dict:
+    """The autopilot's grid for this model, and the recipe it keeps."""
+    grid = autopilot.grid(p.quant, p.autopilot)
+    results = [ptq(p, c.quant, p.tidl.target_device, model, data, float_eval, tmp / c.label)[2] for c in grid]
+    return autopilot.choose(grid, results, grid[0].label)
+
+
+def power_of_2_result(p: Params, model: Path, data: Path, float_eval: Path, tmp: Path) -> dict:
+    """The default recipe for tda4vm: accuracy, and whether every scale is a power of two (the TIDL lint)."""
+    _, qdq, v = ptq(p, p.quant, "tda4vm", model, data, float_eval, tmp)
+    findings = tidl_compat.check(onnx.load(qdq / "model_qdq.onnx"), "tda4vm")
+    return {"accuracy": v["int8"]["accuracy"], "accuracy_drop": v["accuracy_drop"], "sqnr_db": v["int8"]["sqnr_db"],
+            "rejects": len([f for f in findings if f["severity"] == "reject"])}
+
+
 def compare_model(p: Params, data: Path, tmp: Path) -> dict:
     """Float model, our PTQ and the onnxruntime baseline for `p.model`; the numbers of both side by side."""
     model = stage(tmp, "model", lambda o: float_model.run(p.model, p.float_train, data, o))
     float_eval = stage(tmp, "float", lambda o: evaluate_float.run(p.export, model, data, o))
-    prepared = stage(tmp, "prepared", lambda o: calibrate.run(p.quant, p.tidl.target_device, model, data, o))
-    int8 = stage(tmp, "int8", lambda o: convert.run(prepared, model, data, o))
-    qdq = stage(tmp, "qdq", lambda o: export_qdq.run(p.export, p.tidl.target_device, int8, prepared, model, o))
-    verify = stage(tmp, "verify", lambda o: verify_onnx.run(p.verify, qdq, float_eval, int8, data, o))
+    prepared, _, v = ptq(p, p.quant, p.tidl.target_device, model, data, float_eval, tmp / "default")
     base = stage(tmp, "baseline", lambda o: baseline_ort.run(p.quant, float_eval, data, o))
-    v = files.read_json(verify / "verify.json")
     b = files.read_json(base / "baseline.json")
     ours_images = files.read_json(prepared / "prepared.json")["calibration_images"]
     if ours_images != b["calibration_images"]:
@@ -62,6 +96,8 @@ def compare_model(p: Params, data: Path, tmp: Path) -> dict:
         "ort_methods": b["methods"],
         "ours_sqnr_ge_ort": ours["sqnr_db"] >= ort["sqnr_db"],
         "ours_drop_le_ort": ours["accuracy_drop"] <= ort["accuracy_drop"],
+        "autopilot": autopilot_result(p, model, data, float_eval, tmp / "autopilot"),
+        "tda4vm": power_of_2_result(p, model, data, float_eval, tmp / "tda4vm"),
     }
 
 
@@ -81,6 +117,17 @@ def print_table(rows: list[dict], title: str) -> None:
     if not console.is_terminal:  # redirected to a file: do not squeeze 13 columns into 80 characters
         console = Console(width=200)
     console.print(table)
+    more = Table(title="the autopilot's pick, and the default recipe on tda4vm (power-of-2 symmetric)")
+    for col in ("model", "autopilot winner", "its SQNR dB", "its drop", "ours default SQNR dB", "tda4vm drop",
+                "tda4vm SQNR dB", "tda4vm lint rejects"):
+        more.add_column(col, justify="right")
+    for r in rows:
+        a, t = r["autopilot"], r["tda4vm"]
+        win = next(c for c in a["candidates"] if c["label"] == a["winner"])
+        more.add_row(r["model"], a["winner"], f"{win['sqnr_db']:.1f}", f"{win['accuracy_drop']:.2f}",
+                     f"{r['ours']['sqnr_db']:.1f}", f"{t['accuracy_drop']:.2f}", f"{t['sqnr_db']:.1f}",
+                     str(t["rejects"]))
+    console.print(more)
 
 
 def main() -> None:

@@ -146,9 +146,23 @@ def print_summary(summary: dict[str, Any]) -> None:
     for row in rows:
         m.add_row(*row)
     console.print(m)
+    if summary.get("autopilot"):
+        console.print(autopilot_table(summary["autopilot"]))
     for warning in summary.get("warnings", []):
         errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(f"QDQ model: {summary['artifacts']['qdq_onnx']}\nTIDL bundle: {summary['artifacts']['tidl_bundle']}")
+
+
+def autopilot_table(choice: dict[str, Any]) -> Table:
+    """The recipes the autopilot tried, the winner marked, and why it won."""
+    table = Table(title="autopilot", caption=choice["reason"])
+    for col in ("recipe", "accuracy (%)", "drop", "SQNR (dB)", "gate"):
+        table.add_column(col, justify="left" if col == "recipe" else "right")
+    for row in choice["candidates"]:
+        mark = " *" if row["label"] == choice["winner"] else ""
+        table.add_row(row["label"] + mark, f"{row['accuracy']:.2f}", f"{row['accuracy_drop']:.2f}",
+                      f"{row['sqnr_db']:.1f}", "passed" if row["gate_passed"] else "failed")
+    return table
 
 
 def baseline_rows(baseline: dict[str, Any] | None) -> list[tuple[str, str]]:

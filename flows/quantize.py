@@ -11,9 +11,9 @@ from typing import Any
 from prefect import flow, tags
 from prefect.runtime import flow_run
 
-from tasks import storage, tracking
+from tasks import autopilot, files, storage, tracking
 from tasks.baseline_ort import baseline_ort_task
-from tasks.cache import StageRunner
+from tasks.cache import Manifest, StageRunner
 from tasks.calibrate import calibrate_task
 from tasks.convert import convert_task
 from tasks.errors import GateFailed, UserError
@@ -21,7 +21,7 @@ from tasks.evaluate_float import evaluate_float_task
 from tasks.export_qdq import export_qdq_task
 from tasks.float_model import float_model_task
 from tasks.inputs import fingerprint
-from tasks.params import Params, load_params
+from tasks.params import Params, QuantParams, load_params
 from tasks.prepare_data import prepare_data_task
 from tasks.publish import histories, publish_task
 from tasks.sensitivity import sensitivity_task
@@ -61,19 +61,16 @@ def run_pipeline(p: Params, run: tracking.TrackedRun) -> dict[str, Any]:
     float_eval = stages.run(evaluate_float_task, p.export, model, data)
     if p.verify.baseline == "ort":
         stages.run(baseline_ort_task, p.quant, float_eval, data)
-    device = p.tidl.target_device
-    if p.quant.mode == "qat":
-        prepared = stages.run(train_qat_task, p.quant, p.qat, device, model, data)
+    choice = None
+    if p.quant.mode == "auto":
+        prepared, qdq, choice = run_autopilot(stages, p, model, data, float_eval)
     else:
-        prepared = stages.run(calibrate_task, p.quant, device, model, data)
-    int8 = stages.run(convert_task, prepared, model, data)
-    qdq = stages.run(export_qdq_task, p.export, device, int8, prepared, model)
-    stages.run(verify_onnx_task, p.verify, qdq, float_eval, int8, data)
+        prepared, _, qdq, _ = run_recipe(stages, p, p.quant, model, data, float_eval)
     sensitivity = stages.run(sensitivity_task, p.sensitivity, prepared, model, data, qdq) \
         if p.sensitivity.enabled else None
     stages.run(tidl_bundle_task, p.tidl, qdq, data, sensitivity)
     ids["s3_uri"] = dest.uri if dest else None
-    summary = publish_task(p, stages.manifests, stages.timings, ids, [run.warning] if run.warning else [])
+    summary = publish_task(p, stages.manifests, stages.timings, ids, [run.warning] if run.warning else [], choice)
     tracking.track_task(run, p, summary, p.model_dir.resolve(), histories(stages.manifests))
     if dest is not None:
         storage.upload_task(dest, p.model_dir.resolve())
@@ -81,3 +78,53 @@ def run_pipeline(p: Params, run: tracking.TrackedRun) -> dict[str, Any]:
         raise GateFailed(f"{summary['model']}: the quality gate failed: {'; '.join(summary['gate']['reasons'])}. "
                          f"The report is in {p.model_dir / 'summary.json'}.")
     return summary
+
+
+def run_recipe(stages: StageRunner, p: Params, quant: QuantParams, model: Manifest, data: Manifest,
+               float_eval: Manifest, tag: str = "") -> tuple[Manifest, Manifest, Manifest, Manifest]:
+    """PTQ or QAT with one recipe, then convert, export and verify: (prepared, int8, qdq, verified)."""
+    device = p.tidl.target_device
+    if quant.mode == "qat":
+        prepared = stages.run(train_qat_task, quant, p.qat, device, model, data, label=f"train_qat{tag}")
+    else:
+        prepared = stages.run(calibrate_task, quant, device, model, data, label=f"calibrate{tag}")
+    int8 = stages.run(convert_task, prepared, model, data, label=f"convert{tag}")
+    qdq = stages.run(export_qdq_task, p.export, device, int8, prepared, model, label=f"export_qdq{tag}")
+    verified = stages.run(verify_onnx_task, p.verify, qdq, float_eval, int8, data, label=f"verify_onnx{tag}")
+    return prepared, int8, qdq, verified
+
+
+def run_autopilot(stages: StageRunner, p: Params, model: Manifest, data: Manifest,
+                  float_eval: Manifest) -> tuple[Manifest, Manifest, dict[str, Any]]:
+    """The autopilot's PTQ recipes side by side (Prefect runs each stage's calls in parallel), QAT from the best when
+    none passes the gate; the winner's folders become the run's. Returns (prepared, qdq, the choice and why)."""
+    candidates = autopilot.grid(p.quant, p.autopilot)
+    device = p.tidl.target_device
+
+    def each(task: Any, name: str, calls: list[tuple]) -> list[Manifest]:
+        return stages.run_many(task, calls, [f"{name}:{c.label}" for c in candidates])
+
+    prepared = each(calibrate_task, "calibrate", [(c.quant, device, model, data) for c in candidates])
+    int8 = each(convert_task, "convert", [(pr, model, data) for pr in prepared])
+    pairs = list(zip(int8, prepared, strict=True))
+    qdq = each(export_qdq_task, "export_qdq", [(p.export, device, i, pr, model) for i, pr in pairs])
+    pairs = list(zip(qdq, int8, strict=True))
+    verified = each(verify_onnx_task, "verify_onnx", [(p.verify, q, float_eval, i, data) for q, i in pairs])
+    outcomes = {c.label: ("calibrate", *m) for c, *m in zip(candidates, prepared, int8, qdq, verified, strict=True)}
+
+    def decide() -> dict[str, Any]:
+        results = [files.read_json(outcomes[c.label][4].path("verify.json")) for c in candidates]
+        return autopilot.choose(candidates, results, candidates[0].label)
+
+    choice = decide()
+    if not choice["passed"]:
+        best = next(c for c in candidates if c.label == choice["winner"])
+        qat = autopilot.Candidate.of(best.quant.model_copy(update={"mode": "qat"}))
+        outcome = run_recipe(stages, p, qat.quant, model, data, float_eval, tag=f":{qat.label}")
+        outcomes[qat.label] = ("train_qat", *outcome)
+        candidates.append(qat)
+        choice = decide()
+    kind, *winner = outcomes[choice["winner"]]
+    for name, manifest in zip((kind, "convert", "export_qdq", "verify_onnx"), winner, strict=True):
+        stages.manifests[name] = manifest  # publish and the report read the winner under the stage names
+    return winner[0], winner[2], choice

@@ -112,8 +112,9 @@ class StageRunner:
         return self.run_many(stage_task, [args], [label or stage_task.name])[0]
 
     def run_many(self, stage_task: Any, calls: list[tuple], labels: list[str]) -> list[Manifest]:
-        """Submit several calls of one stage at once (Prefect runs them on its thread pool), wait for all, and
-        return their manifests in order; each label's time is the whole group's wall time."""
+        """Submit several calls of one stage at once (Prefect's thread pool runs them side by side; their torch work
+        takes turns on `qconfig.quantized_engine`'s lock, since torch.fx tracing and the quantized engine are
+        process-wide), wait for all; return their manifests in order. Each label's time is the group's wall time."""
         name, module = stage_task.name, stage_task.fn.__module__
         folders = [stage_dir(self.root, name, stage_key(name, module, args)) for args in calls]
         started = time.perf_counter()

@@ -27,13 +27,13 @@ def run(quant: QuantParams, target_device: str, model_dir: Path, data_dir: Path,
     engine = qconfig.engine_for(recipe.preset)
     x, _ = load_split(data_dir, "calib")
     batches = list(calibration_batches(x, quant.batch_size, quant.calibration_batches))
-    with qconfig.quantized_engine(engine):
+    with qconfig.quantized_engine(engine):  # also the lock that keeps torch.fx tracing to one thread
         prepared = qconfig.prepare(models.load(model_dir), recipe, False, spec["input_shape"], spec["source"])
         with torch.no_grad():
             for batch in batches:
                 prepared(torch.from_numpy(batch))
-    corrected = correct_bias(prepared, batches) if quant.bias_correction else {}
-    torch.save(prepared.state_dict(), out / "prepared.pt")
+        corrected = correct_bias(prepared, batches) if quant.bias_correction else {}
+        torch.save(prepared.state_dict(), out / "prepared.pt")
     info = qconfig.recipe_record(recipe, "ptq", engine) | {
         "calibration_images": int(sum(len(b) for b in batches)), "calibration_batches": len(batches),
         "bias_correction": corrected}

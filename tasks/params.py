@@ -90,7 +90,8 @@ class FloatTrainParams(Section):
 class QuantParams(Section):
     """The quantization recipe shared by PTQ and QAT."""
 
-    mode: Literal["ptq", "qat"] = "ptq"
+    mode: Literal["ptq", "qat", "auto"] = Field("ptq", description="auto: try the autopilot's grid of PTQ recipes "
+                                                "and keep the best; QAT when none passes the gate")
     qconfig: Literal["qnnpack", "x86", "tidl"] = Field("tidl", description="tidl: TI's WC8_AT8, power-of-2 "
                                                        "symmetric on tda4vm/am68pa; qnnpack; x86")
     observer: Literal["histogram", "minmax", "moving_average", "percentile"] = Field(
@@ -100,6 +101,15 @@ class QuantParams(Section):
                               "between float and int8 on the calibration images")
     calibration_batches: int = Field(8, ge=1, description="PTQ: number of calib batches fed to the observers")
     batch_size: int = Field(32, ge=1)
+
+
+class AutopilotParams(Section):
+    """The PTQ recipes `quant.mode: auto` tries (every combination, plus the quant section's own recipe)."""
+
+    presets: list[Literal["qnnpack", "x86", "tidl"]] = Field(default_factory=lambda: ["tidl"], min_length=1)
+    observers: list[Literal["histogram", "minmax", "moving_average", "percentile"]] = Field(
+        default_factory=lambda: ["histogram", "minmax", "percentile"], min_length=1)
+    bias_correction: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
 
 
 class QatParams(Section):
@@ -128,6 +138,8 @@ class VerifyParams(Section):
 
     max_accuracy_drop: float = Field(1.0, ge=0, description="points of accuracy the int8 model may lose")
     min_sqnr_db: float = Field(20.0, description="minimum SQNR of int8 logits against float logits, in dB")
+    max_tidl_rejects: int | None = Field(0, ge=0, description="fail the gate when the TIDL lint finds more "
+                                         "findings that make TIDL reject the model (0: none allowed; empty: no limit)")
     baseline: Literal["ort", "none"] = Field("ort", description="ort: also quantize the float ONNX model with "
                                             "onnxruntime's quantize_static and report it beside ours")
 
@@ -173,6 +185,7 @@ class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams)
     float_train: FloatTrainParams = Field(default_factory=FloatTrainParams)
     quant: QuantParams = Field(default_factory=QuantParams)
+    autopilot: AutopilotParams = Field(default_factory=AutopilotParams)
     qat: QatParams = Field(default_factory=QatParams)
     export: ExportParams = Field(default_factory=ExportParams)
     verify: VerifyParams = Field(default_factory=VerifyParams)

@@ -57,6 +57,9 @@ PUBLISH = "publish"
 
 def run(name: str, params: Params, root: Path = ROOT) -> cache.Manifest:
     """Build stage `name` into `root/name` from the current params and its (checked) input folders."""
+    if params.quant.mode == "auto":
+        raise UserError("quant.mode auto tries several recipes side by side and runs in the flow (tidlq run); dvc "
+                        "repro builds one recipe: set quant.mode to ptq or qat for it.")
     if name == PUBLISH:
         return _publish(params, root)
     stage = _stage(name)

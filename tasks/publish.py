@@ -28,10 +28,10 @@ PUBLISHED_FILES = {
 
 
 def run(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], ids: dict[str, Any],
-        warnings: list[str]) -> dict:
+        warnings: list[str], autopilot: dict[str, Any] | None = None) -> dict:
     """Copy the artifacts to the model's output folder, write summary.json and the report; return the summary."""
     final = params.model_dir.resolve()
-    summary = build_summary(params, stages, timings, artifact_paths(final)) | {"run": ids}
+    summary = build_summary(params, stages, timings, artifact_paths(final)) | {"run": ids, "autopilot": autopilot}
     summary["warnings"] += warnings
     with files.atomic_dir(final) as tmp:
         for (stage, name), published in PUBLISHED_FILES.items():
@@ -48,9 +48,9 @@ def run(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], i
 
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(params: Params, stages: dict[str, Manifest], timings: dict[str, dict], ids: dict[str, Any],
-                 warnings: list[str]) -> dict[str, Any]:
+                 warnings: list[str], autopilot: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prefect task around `run` (not cached)."""
-    return run(params, stages, timings, ids, warnings)
+    return run(params, stages, timings, ids, warnings, autopilot)
 
 
 def run_in_pipeline(params: Params, stages: dict[str, Manifest], out: Path) -> dict[str, Any]:
@@ -89,6 +89,15 @@ def histories(stages: dict[str, Manifest]) -> dict[str, list[dict]]:
     if "train_qat" in stages:
         out["qat"] = files.read_json(stages["train_qat"].path("prepared.json"))["history"]
     return out
+
+
+def with_lint(gate: dict[str, Any], counts: dict[str, int], limit: int | None) -> dict[str, Any]:
+    """The verify gate, failed too when the TIDL lint found more rejects than `verify.max_tidl_rejects`."""
+    gate = gate | {"max_tidl_rejects": limit}
+    if limit is not None and counts["reject"] > limit:
+        gate = gate | {"passed": False, "reasons": [*gate["reasons"], f"TIDL lint: {counts['reject']} finding(s) "
+                                                    f"TIDL would reject > verify.max_tidl_rejects {limit}"]}
+    return gate
 
 
 def compat_warnings(counts: dict[str, int], device: str) -> list[str]:
@@ -132,17 +141,20 @@ def build_summary(params: Params, stages: dict[str, Manifest], timings: dict[str
     model = files.read_json(stages["float_model"].path("model.json"))
     float_metrics = files.read_json(stages["evaluate_float"].path("float_metrics.json"))
     tidl = stages["tidl_bundle"].info
+    prepared = stages["train_qat" if "train_qat" in stages else "calibrate"]
+    recipe = files.read_json(prepared.path("prepared.json"))
     return {
         "model": model["name"],
         "mode": params.quant.mode,
-        "qconfig": params.quant.qconfig,
+        "qconfig": recipe["qconfig"],
+        "recipe": recipe["recipe"] | {"mode": recipe["mode"], "bias_correction": bool(recipe.get("bias_correction"))},
         "target_device": params.tidl.target_device,
         "float": {"accuracy": float_metrics["accuracy"], "loss": float_metrics["loss"]},
         "int8": verify["int8"],
         "accuracy_drop": verify["accuracy_drop"],
         "torch_int8": verify["torch_int8"],
         "torch_vs_ort": verify["torch_vs_ort"],
-        "gate": verify["gate"],
+        "gate": with_lint(verify["gate"], tidl["compat"], params.verify.max_tidl_rejects),
         "warnings": verify["warnings"] + compat_warnings(tidl["compat"], params.tidl.target_device),
         "tidl": {"compat": tidl["compat"], "quantization_scale_type":
                  tidl["options"]["advanced_options:quantization_scale_type"]},

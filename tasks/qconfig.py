@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -239,19 +240,26 @@ def measuring_engine() -> str:
     return "x86" if "x86" in torch.backends.quantized.supported_engines else "qnnpack"
 
 
+# The engine, torch.fx tracing (it patches nn.Module.__call__ for the whole process) and the warning filters are
+# process-wide: stages running side by side (the autopilot) take turns on this lock for their torch work.
+_ENGINE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def quantized_engine(name: str) -> Iterator[None]:
-    """Use torch quantized engine `name` inside the block, and quiet torch.ao's deprecation warnings."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"torch\.ao\.quantization.*")
-            warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated.*")
-            warnings.filterwarnings("ignore", message=r".*(quantize_per_tensor|quint8|qint8|qint32).*deprecated.*")
-            yield
-    finally:
-        torch.backends.quantized.engine = previous
+    """Use torch quantized engine `name` inside the block (one thread at a time), quiet torch.ao's deprecation
+    warnings."""
+    with _ENGINE_LOCK:
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = name
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", module=r"torch\.ao\.quantization.*")
+                warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated.*")
+                warnings.filterwarnings("ignore", message=r".*(quantize_per_tensor|quint8|qint8|qint32).*deprecated.*")
+                yield
+        finally:
+            torch.backends.quantized.engine = previous
 
 
 def prepare(model: nn.Module, recipe: Recipe, qat: bool, input_shape: list[int], source: str) -> torch.fx.GraphModule:

@@ -16,6 +16,8 @@ def write(summary: dict[str, Any], verify: dict[str, Any], histories: dict[str, 
              _stages_plot(summary["stages"], out)]
     if any(histories.values()):
         names.append(_training_plot(histories, out))
+    if (out / "sensitivity.png").is_file():
+        names.append("sensitivity.png")  # drawn by the sensitivity stage
     (out / "report.md").write_text(_markdown(summary, names))
     return ["report.md", *names]
 
@@ -106,6 +108,18 @@ def _markdown(summary: dict, images: list[str]) -> str:
     lines = [f"# {summary['model']}: {summary['mode']} / {summary['qconfig']} / {summary['target_device']}", "",
              "| metric | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
     lines += [f"- warning: {w}" for w in summary["warnings"]]
+    if summary.get("sensitivity"):
+        lines += ["", "## Layers that cost the most", "",
+                  "| layer | ONNX output (TIDL name) | SQNR gain in float (dB) |", "|---|---|---|"]
+        lines += [f"| {r['layer']} | `{r['onnx_output']}` | {r['sqnr_gain_db']:+.2f} |"
+                  for r in summary["sensitivity"]["worst"]]
+    if summary.get("autopilot"):
+        choice = summary["autopilot"]
+        lines += ["", "## Autopilot", "", choice["reason"], "", "| recipe | accuracy (%) | drop | SQNR (dB) | gate |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['label']}{' (winner)' if r['label'] == choice['winner'] else ''} | {r['accuracy']:.2f} | "
+                  f"{r['accuracy_drop']:.2f} | {r['sqnr_db']:.1f} | {'passed' if r['gate_passed'] else 'failed'} |"
+                  for r in choice["candidates"]]
     lines += ["", f"Dataset digest `{summary['dataset']['digest'][:16]}`, params digest "
               f"`{summary['params_digest'][:16]}`.", ""]
     lines += [f"![{Path(name).stem}]({name})" for name in images]

@@ -147,8 +147,27 @@ def log_results(run: TrackedRun, params: Params, summary: dict[str, Any], publis
     client.log_batch(run.run_id, tags=[RunTag(k, str(v)) for k, v in result_tags(summary).items()])
     log_dataset(client, run.run_id, summary["dataset"])
     client.log_artifacts(run.run_id, str(published))
+    if summary.get("autopilot"):
+        log_candidates(client, run.run_id, summary["autopilot"])
     registered = register(run, params, summary, published) if params.tracking.register_model else {}
     return registered
+
+
+def log_candidates(client: Any, parent_id: str, choice: dict[str, Any]) -> None:
+    """One MLflow child run per recipe the autopilot tried: its recipe as params, its numbers as metrics."""
+    from mlflow.entities import Metric, Param
+
+    parent = client.get_run(parent_id)
+    now = _now_ms()
+    for row in choice["candidates"]:
+        tags = {"mlflow.parentRunId": parent_id, "autopilot.winner": str(row["label"] == choice["winner"])}
+        child = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{row['label']}",
+                                  tags=tags)
+        recipe = {k: str(row[k]) for k in ("mode", "qconfig", "observer", "bias_correction")}
+        numbers = {k: float(row[k]) for k in ("accuracy", "accuracy_drop", "agreement", "sqnr_db", "gate_passed")}
+        client.log_batch(child.info.run_id, params=[Param(k, v) for k, v in recipe.items()],
+                         metrics=[Metric(k, v, now, 0) for k, v in numbers.items()])
+        client.set_terminated(child.info.run_id, "FINISHED")
 
 
 @task(name="track", cache_policy=NO_CACHE)

@@ -87,3 +87,41 @@ def test_gate_failure_still_writes_the_report(prefect_api: str, tmp_path: Path) 
     assert summary["gate"]["passed"] is False
     assert summary["gate"]["reasons"][0].startswith("logit SQNR")
     assert Path(summary["artifacts"]["qdq_onnx"]).is_file()
+
+
+def test_autopilot_keeps_the_best_recipe_and_logs_each_as_a_child_run(prefect_api: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from tasks import tracking
+
+    overrides = FAST | {"output_dir": str(tmp_path), "quant.mode": "auto", "tracking.experiment": "it-autopilot",
+                        "autopilot.observers": ["histogram", "minmax"], "sensitivity.enabled": False}
+    summary = quantize(None, overrides)
+    choice = summary["autopilot"]
+    rows = {r["label"]: r for r in choice["candidates"]}
+    assert list(rows) == ["tidl-histogram", "tidl-histogram-bc", "tidl-minmax", "tidl-minmax-bc"]
+    best = max(r["sqnr_db"] for r in rows.values() if r["gate_passed"])
+    assert rows[choice["winner"]]["sqnr_db"] == best >= rows["tidl-histogram"]["sqnr_db"]  # never worse than default
+    assert summary["int8"]["sqnr_db"] == pytest.approx(best)
+    assert summary["recipe"]["observer"] == rows[choice["winner"]]["observer"]
+    assert summary["recipe"]["bias_correction"] == rows[choice["winner"]]["bias_correction"]
+    client = MlflowClient(tracking.tracking_uri())
+    children = client.search_runs([client.get_experiment_by_name("it-autopilot").experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{summary['run']['mlflow_run_id']}'")
+    assert sorted(c.data.params["observer"] for c in children) == ["histogram", "histogram", "minmax", "minmax"]
+    winners = [c for c in children if c.data.tags["autopilot.winner"] == "True"]
+    assert len(winners) == 1 and winners[0].data.metrics["sqnr_db"] == pytest.approx(best)
+
+
+def test_autopilot_falls_back_to_qat_when_no_recipe_passes(prefect_api: str, tmp_path: Path) -> None:
+    overrides = FAST | {"output_dir": str(tmp_path), "quant.mode": "auto", "verify.min_sqnr_db": 99.0,
+                        "autopilot.observers": ["minmax"], "autopilot.bias_correction": [False],
+                        "sensitivity.enabled": False}
+    with pytest.raises(GateFailed):
+        quantize(None, overrides)
+    summary = files.read_json(tmp_path / "mobilenet_v2_tiny" / "summary.json")
+    rows = summary["autopilot"]["candidates"]
+    assert [r["label"] for r in rows] == ["tidl-histogram", "tidl-minmax", "qat-tidl"]
+    assert not any(r["gate_passed"] for r in rows)
+    assert summary["autopilot"]["winner"] == max(rows, key=lambda r: r["sqnr_db"])["label"]
+    assert "train_qat:qat-tidl" in summary["stages"]

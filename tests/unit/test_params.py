@@ -41,7 +41,7 @@ def test_overrides_are_typed_from_yaml() -> None:
 
 @pytest.mark.parametrize(("overrides", "expected"), [
     ({"quant.moed": "qat"}, ["unknown key 'quant.moed'", "did you mean 'quant.mode'"]),
-    ({"quant.mode": "qta"}, ["quant.mode", "'ptq' or 'qat'", "'qta'"]),
+    ({"quant.mode": "qta"}, ["quant.mode", "'ptq', 'qat' or 'auto'", "'qta'"]),
     ({"data.image_size": "big"}, ["data.image_size", "integer"]),
     ({"data.image_size": 4}, ["data.image_size", "greater than or equal to 8"]),
     ({"export.opset": 21}, ["export.opset", "less than or equal to 19"]),

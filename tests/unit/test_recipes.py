@@ -30,10 +30,10 @@ def scales_and_zeros(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, bool
     return out
 
 
-@pytest.mark.parametrize("mode", ["ptq", "qat"])
-def test_tda4vm_preset_is_power_of_two_and_symmetric(base: dict[str, Path], mode: str) -> None:
+@pytest.mark.parametrize(("mode", "device"), [("ptq", "tda4vm"), ("qat", "tda4vm"), ("ptq", "am68pa")])
+def test_mmav1_preset_is_power_of_two_and_symmetric(base: dict[str, Path], mode: str, device: str) -> None:
     qat = QatParams(epochs=1) if mode == "qat" else None
-    out = quantize(base, f"p2-{mode}", QuantParams(qconfig="tidl", mode=mode), qat, device="tda4vm")
+    out = quantize(base, f"p2-{mode}-{device}", QuantParams(qconfig="tidl", mode=mode), qat, device=device)
     found = scales_and_zeros(out["qdq"] / "model_qdq.onnx")
     assert len(found) > 50
     for name, scale, zero, weight in found:
@@ -48,11 +48,12 @@ def test_tda4vm_preset_is_power_of_two_and_symmetric(base: dict[str, Path], mode
     report = files.read_json(out["verify"] / "verify.json")
     assert report["accuracy_drop"] <= 1.5
     model = onnx.load(out["qdq"] / "model_qdq.onnx")
-    assert tidl_compat.summarize(tidl_compat.check(model, "tda4vm"))["reject"] == 0
+    assert tidl_compat.summarize(tidl_compat.check(model, device))["reject"] == 0
 
 
-def test_mmav2_preset_is_asymmetric_per_channel(base: dict[str, Path]) -> None:
-    out = quantize(base, "mmav2", QuantParams(qconfig="tidl"), device="am62a")
+@pytest.mark.parametrize("device", ["am62a", "am67a", "am68a", "am69a"])
+def test_mmav2_preset_is_asymmetric_per_channel(base: dict[str, Path], device: str) -> None:
+    out = quantize(base, f"mmav2-{device}", QuantParams(qconfig="tidl"), device=device)
     found = scales_and_zeros(out["qdq"] / "model_qdq.onnx")
     weights = [(s, z) for _, s, z, w in found if w]
     assert all(s.size > 1 and np.all(z == 0) and z.dtype == np.int8 for s, z in weights)
@@ -61,6 +62,7 @@ def test_mmav2_preset_is_asymmetric_per_channel(base: dict[str, Path]) -> None:
     assert len({int(z) for z in activations}) > 3  # affine: zero points follow each tensor's range
     non_p2 = [s for _, s, _, _ in found if not np.allclose(np.log2(s), np.round(np.log2(s)))]
     assert non_p2
+    assert files.read_json(out["verify"] / "verify.json")["accuracy_drop"] <= 1.0
 
 
 @pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile"])
