@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench clean stack-up stack-down deploy worker repro dvc-remote
+.PHONY: run test lint bench clean stack-up stack-down deploy worker repro dvc-remote results-storage
 
 # Deployments (prefect.yaml) on a process work pool; the nightly schedule is a cron string in UTC.
 WORK_POOL    ?= tidlq-local
@@ -44,6 +44,10 @@ stack-down: $(STAMP)
 deploy: $(STAMP)
 	$(BIN)/prefect work-pool inspect $(WORK_POOL) >/dev/null 2>&1 || $(BIN)/prefect work-pool create $(WORK_POOL) --type process
 	$(BIN)/prefect --no-prompt deploy --all
+
+# Prefect result storage in the stack's S3 (prints the setting workers need): source .stack/env first.
+results-storage: $(STAMP)
+	$(BIN)/tidlq results-storage
 
 worker: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/prefect worker start --pool $(WORK_POOL)

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from infra.local.stack import stack_app
 from tasks import files
-from tasks.errors import GateFailed, UserError
+from tasks.errors import GateFailed, NightlyFailed, UserError
 from tasks.params import load_params, parse_overrides
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -57,6 +57,46 @@ def run(params: ParamsOption = Path("params.yaml"), set_: SetOption = [],  # noq
             errors.print(f"[bold red]gate failed:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         print_summary(summary)
+
+
+@app.command()
+def nightly(params: ParamsOption = Path("params.yaml"), verbose: VerboseOption = False) -> None:
+    """Quantize every model of nightly.models as its own deployment run, then check each against its champion
+    (needs a Prefect server with the quantize deployment and a worker: make stack-up deploy worker)."""
+    import asyncio
+
+    with user_errors(verbose):
+        p = load_params(params)
+        from flows.nightly import entries
+        from flows.nightly import nightly as nightly_flow
+
+        entries(str(params), p.nightly)  # fail before Prefect starts
+        configure(verbose)
+        try:
+            results = asyncio.run(nightly_flow(str(params)))
+        except NightlyFailed as exc:
+            errors.print(f"[bold red]nightly failed:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        table = Table(title="nightly")
+        for col in ("model", "status", "int8 accuracy (%)", "SQNR (dB)"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(r["name"], r["status"], f"{r['accuracy']:.2f}", f"{r['sqnr_db']:.1f}")
+        console.print(table)
+
+
+@app.command("results-storage")
+def results_storage(name: Annotated[str, typer.Option(help="block name")] = "tidlq-results") -> None:
+    """Save the S3 result-storage block on the Prefect server (PREFECT_API_URL), in the bucket of TIDLQ_S3_BUCKET,
+    so that workers share cached stage results; then run workers with the printed setting."""
+    with user_errors(False):
+        bucket = os.environ.get("TIDLQ_S3_BUCKET")
+        if not bucket or not os.environ.get("PREFECT_API_URL"):
+            raise UserError("results-storage needs TIDLQ_S3_BUCKET and PREFECT_API_URL (source .stack/env).")
+        from infra.results_storage import create_block
+
+        slug = create_block(bucket, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"), name=name)
+        console.print(f"export PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={slug}")
 
 
 @app.command()
@@ -102,7 +142,7 @@ def configure(verbose: bool) -> None:
 
 def _hide_user_error_tracebacks(record: logging.LogRecord) -> bool:
     """Console logs keep the message of a user error but not its traceback (the API log keeps both)."""
-    if record.exc_info and isinstance(record.exc_info[1], UserError | GateFailed):
+    if record.exc_info and isinstance(record.exc_info[1], UserError | GateFailed | NightlyFailed):
         record.exc_info = None
         record.exc_text = None
     return True

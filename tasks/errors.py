@@ -10,3 +10,7 @@ class UserError(Exception):
 
 class GateFailed(Exception):
     """The quantized model missed the quality gate in `verify`; the report was still written."""
+
+
+class NightlyFailed(Exception):
+    """At least one model of the nightly failed or regressed; the message says which."""

@@ -178,6 +178,23 @@ class StorageParams(Section):
     endpoint_url: str | None = Field(None, description="empty: AWS_ENDPOINT_URL, or AWS's own endpoint")
 
 
+class NightlyParams(Section):
+    """Many models every night: one quantize deployment run per entry, compared with each model's champion."""
+
+    models: list[dict[str, Any]] = Field(default_factory=list, description="one entry per model: dotted params "
+                                         "overrides on top of this file, e.g. {model.source: resnet_tiny}")
+    models_file: str | None = Field(None, description="a YAML file with more entries (a list of such mappings)")
+    max_parallel: int = Field(2, ge=1, description="deployment runs in flight at once")
+    deployment: str = Field("quantize/adhoc", description="the deployment each entry runs")
+    timeout_minutes: float = Field(60, gt=0, description="a model run not finished by then counts as failed")
+    accuracy_tolerance: float = Field(0.5, ge=0, description="points of int8 accuracy below the champion that "
+                                      "count as a regression")
+    sqnr_tolerance_db: float = Field(1.0, ge=0, description="dB of logit SQNR below the champion that count as a "
+                                     "regression")
+    history: int = Field(14, ge=1, description="nights shown in the nightly report's plot")
+    experiment: str = Field("tidlq-nightly", min_length=1)
+
+
 class Params(Section):
     """Everything in params.yaml."""
 
@@ -193,6 +210,7 @@ class Params(Section):
     tidl: TidlParams = Field(default_factory=TidlParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     storage: StorageParams = Field(default_factory=StorageParams)
+    nightly: NightlyParams = Field(default_factory=NightlyParams)
     output_dir: Path = Path("outputs")
 
     @property

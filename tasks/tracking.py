@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -92,17 +93,21 @@ def start(params: Params, flow_run_id: str, flow_run_name: str) -> TrackedRun:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(params.tracking.experiment)
-    if experiment is None:
-        location = local_artifact_root(uri)
-        experiment_id = client.create_experiment(params.tracking.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = ensure_experiment(client, params.tracking.experiment, uri)
     name = f"{params.model.display_name}-{params.quant.mode}-{params.tidl.target_device}"
     tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name, **git_tags(),
+            "runner.host": socket.gethostname(), "runner.parent_pid": str(os.getppid()),
             "params_digest": files.sha256_json(flatten(params)), **library_tags()}
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     return TrackedRun(uri, run.info.run_id)
+
+
+def ensure_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (with local artifacts beside an SQLite store) when missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=local_artifact_root(uri))
 
 
 def local_artifact_root(uri: str) -> str | None:
