@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from flows.nightly import nightly
 from infra.local.stack import terminate_group
-from infra.results_storage import create_block
+from infra.results_storage import clear_default, create_block
 from tasks import files
 from tasks.errors import NightlyFailed
 from tests import servers
@@ -41,7 +41,8 @@ class Workers:
         self.env, self.logs, self.procs = env, logs, {}
 
     def start(self, name: str) -> int:
-        env = self.env | {"PREFECT_HOME": str(self.logs / f"home-{name}")}
+        # one core each: two workers of torch threads on two cores are slower than one (README, Measured)
+        env = self.env | {"PREFECT_HOME": str(self.logs / f"home-{name}"), "OMP_NUM_THREADS": "1"}
         log = open(self.logs / f"{name}.log", "a")  # noqa: SIM115 - the worker writes to it until stopped
         proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1",
                                  "--name", name], cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -74,13 +75,11 @@ def zoo(stack, tmp_path_factory: pytest.TempPathFactory):
     done = subprocess.run([*prefect, "--no-prompt", "deploy", "--name", "adhoc"], cwd=PROJECT_ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    with on_stack(stack_env):
-        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = create_block(stack_env["TIDLQ_S3_BUCKET"],
-                                                                    folder="it-results",
-                                                                    endpoint_url=stack_env["AWS_ENDPOINT_URL"])
+    with on_stack(stack_env):  # the server's default: the workers are given nothing about it
+        create_block(stack_env["TIDLQ_S3_BUCKET"], folder="it-results", endpoint_url=stack_env["AWS_ENDPOINT_URL"])
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     for dotted, value in (QUICK | {"output_dir": str(tmp / "outputs"), "nightly.max_parallel": 2,
-                                   "nightly.timeout_minutes": 1.5, "tracking.experiment": "it-zoo",
+                                   "nightly.timeout_minutes": 3.0, "tracking.experiment": "it-zoo",
                                    "nightly.experiment": "it-zoo-nightly"}).items():
         section, _, key = dotted.rpartition(".")
         (params[section] if section else params)[key] = value
@@ -91,6 +90,8 @@ def zoo(stack, tmp_path_factory: pytest.TempPathFactory):
     yield {"params": tmp / "params.yaml", "outputs": tmp / "outputs", "env": stack_env, "workers": workers,
            "pids": pids}
     workers.stop_all()
+    with on_stack(stack_env):  # the stack serves later tests, some of which stop S3
+        clear_default()
 
 
 @contextlib.contextmanager
