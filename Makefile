@@ -30,8 +30,16 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check flows tasks tests benchmarks
 
+# Every benchmark, one after another (about 20 min on 2 idle cores); each prints its table and writes
+# benchmarks/results/<name>.json. benchmarks/README.md has the latest numbers.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cached_rerun.py
+	$(BIN)/python benchmarks/cold_run.py --keep outputs/bench/mobilenet_v2_tiny
+	$(BIN)/python benchmarks/ort_latency.py --run-dir outputs/bench/mobilenet_v2_tiny
+	$(BIN)/python benchmarks/observer_overhead.py
+	$(BIN)/python benchmarks/peer_baseline.py
+	$(BIN)/python benchmarks/tracking_overhead.py
+	$(BIN)/python benchmarks/nightly_scaling.py
 
 # The local stack: SeaweedFS (S3), MLflow and Prefect servers on 127.0.0.1; then `source .stack/env`.
 stack-up: $(STAMP)

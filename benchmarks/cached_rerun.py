@@ -1,6 +1,7 @@
 """Cold run vs fully cached rerun of the default job (`tidlq run -p params.yaml`), as a user runs it.
 
-Each repeat starts from nothing (fresh output folder, fresh PREFECT_HOME: no cached results) and runs the job twice.
+Runs a copy of the code taken at the start (benchmarks/snapshot.py: the checkout may change meanwhile). Each repeat
+starts from nothing (fresh output folder, fresh PREFECT_HOME: no cached results) and runs the job twice.
 Prints medians over the repeats and writes benchmarks/results/cached_rerun.json. Not a test: the numbers depend on
 the machine and its load; quote medians and ratios from one run of this script.
 
@@ -20,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import snapshot
 from rich.console import Console
 from rich.table import Table
 
@@ -29,14 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TIDLQ = str(Path(sys.executable).with_name("tidlq"))
 
 
-def run_job(out: Path, prefect_home: Path) -> dict:
-    """One `tidlq run` in its own process; wall time and the per-stage times from its summary.json."""
-    env = os.environ | {"PREFECT_HOME": str(prefect_home)}
-    env.pop("PREFECT_API_URL", None)  # ephemeral mode, as `make run`
+def run_job(code: Path, env: dict[str, str], out: Path, prefect_home: Path) -> dict:
+    """One `tidlq run` of the code in `code` in its own process; wall time and the per-stage times from its
+    summary.json."""
     started = time.perf_counter()
-    subprocess.run([TIDLQ, "run", "-p", "params.yaml", "--set", f"output_dir={out}"], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    done = subprocess.run([TIDLQ, "run", "-p", "params.yaml", "--set", f"output_dir={out}"], cwd=code,
+                          env=env | {"PREFECT_HOME": str(prefect_home)}, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"tidlq run failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
     summary = json.loads((out / "mobilenet_v2_tiny" / "summary.json").read_text())
     stages = summary["stages"]
     return {"wall": wall, "stages": sum(t["seconds"] for t in stages.values()),
@@ -48,10 +51,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cold, warm = [], []
-    for _ in range(args.repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            cold.append(run_job(Path(tmp) / "out", Path(tmp) / "prefect"))
-            warm.append(run_job(Path(tmp) / "out", Path(tmp) / "prefect"))
+    with tempfile.TemporaryDirectory() as frozen:
+        code, env = snapshot.take(Path(frozen))
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                cold.append(run_job(code, env, Path(tmp) / "out", Path(tmp) / "prefect"))
+                warm.append(run_job(code, env, Path(tmp) / "out", Path(tmp) / "prefect"))
     med = {k: {m: statistics.median(r[m] for r in runs) for m in ("wall", "stages")}
            for k, runs in (("cold", cold), ("cached", warm))}
     result = {

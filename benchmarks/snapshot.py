@@ -1,0 +1,37 @@
+"""A frozen copy of the project's code for benchmarks that run `tidlq` as a subprocess.
+
+The checkout may change while a benchmark runs (edits change the stage cache keys, a half-written module breaks a
+run): the benchmark runs `tidlq` from a copy taken when it started, with that copy first on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE = ("flows", "tasks", "infra", "params.yaml")
+
+
+def take(dest: Path) -> tuple[Path, dict[str, str]]:
+    """Copy the code and params.yaml to `dest` (and the MLflow store, so that no run pays its creation); return the
+    folder to run `tidlq` in and the environment that makes it import the copy."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in CODE:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", ".stack"))
+        else:
+            shutil.copy2(src, dest / name)
+    if (ROOT / "mlflow.db").exists():  # SQLite's backup: a consistent copy even while another run writes to it
+        with closing(sqlite3.connect(ROOT / "mlflow.db")) as src, closing(sqlite3.connect(dest / "mlflow.db")) as copy:
+            src.backup(copy)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(dest), os.environ.get("PYTHONPATH")]))}
+    env.pop("PREFECT_API_URL", None)  # ephemeral mode, as `make run`
+    # Prefect gives its temporary server 20 s to start; on a loaded machine that is not enough (measured)
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    env.pop("MLFLOW_TRACKING_URI", None)  # the copied SQLite store in `dest`
+    return dest, env
