@@ -21,7 +21,7 @@ from rich.table import Table
 
 from infra.local.stack import stack_app
 from tasks import files
-from tasks.errors import GateFailed, NightlyFailed, UserError
+from tasks.errors import GateFailed, NightlyFailed, UserError, is_write_error, write_error
 from tasks.params import load_params, parse_overrides
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -51,7 +51,8 @@ def run(params: ParamsOption = Path("params.yaml"), set_: SetOption = [],  # noq
 
         configure(verbose)
         try:
-            summary = quantize(str(params), overrides)
+            with writing_into(p.output_dir, "set output_dir to another folder"), patient_prefect():
+                summary = quantize(str(params), overrides)
         except GateFailed as exc:
             print_summary(files.read_json(p.model_dir / "summary.json"))
             errors.print(f"[bold red]gate failed:[/] {exc}", highlight=False, soft_wrap=True)
@@ -73,7 +74,8 @@ def nightly(params: ParamsOption = Path("params.yaml"), verbose: VerboseOption =
         entries(str(params), p.nightly)  # fail before Prefect starts
         configure(verbose)
         try:
-            results = asyncio.run(nightly_flow(str(params)))
+            with patient_prefect():
+                results = asyncio.run(nightly_flow(str(params)))
         except NightlyFailed as exc:
             errors.print(f"[bold red]nightly failed:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
@@ -87,8 +89,8 @@ def nightly(params: ParamsOption = Path("params.yaml"), verbose: VerboseOption =
 
 @app.command("results-storage")
 def results_storage(name: Annotated[str, typer.Option(help="block name")] = "tidlq-results") -> None:
-    """Save the S3 result-storage block on the Prefect server (PREFECT_API_URL), in the bucket of TIDLQ_S3_BUCKET,
-    so that workers share cached stage results; then run workers with the printed setting."""
+    """Make S3 (the bucket of TIDLQ_S3_BUCKET) the default result storage of the Prefect server at PREFECT_API_URL,
+    so that every worker of that server shares cached stage results."""
     with user_errors(False):
         bucket = os.environ.get("TIDLQ_S3_BUCKET")
         if not bucket or not os.environ.get("PREFECT_API_URL"):
@@ -96,7 +98,8 @@ def results_storage(name: Annotated[str, typer.Option(help="block name")] = "tid
         from infra.results_storage import create_block
 
         slug = create_block(bucket, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"), name=name)
-        console.print(f"export PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={slug}")
+        console.print(f"results of every run on {os.environ['PREFECT_API_URL']} now go to block {slug} "
+                      f"(s3://{bucket}/prefect-results)")
 
 
 @app.command()
@@ -109,7 +112,8 @@ def stage(name: Annotated[str, typer.Argument(help="the stage to build, e.g. cal
         configure(verbose)
         from tasks import pipeline
 
-        manifest = pipeline.run(name, p)
+        with writing_into(pipeline.ROOT, f"run tidlq stage from a folder where {pipeline.ROOT}/ can be written"):
+            manifest = pipeline.run(name, p)
         console.print(f"{name}: {manifest.dir} ({len(manifest.files)} files)")
 
 
@@ -142,10 +146,36 @@ def configure(verbose: bool) -> None:
 
 def _hide_user_error_tracebacks(record: logging.LogRecord) -> bool:
     """Console logs keep the message of a user error but not its traceback (the API log keeps both)."""
-    if record.exc_info and isinstance(record.exc_info[1], UserError | GateFailed | NightlyFailed):
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, UserError | GateFailed | NightlyFailed) or is_write_error(exc):
         record.exc_info = None
         record.exc_text = None
     return True
+
+
+@contextlib.contextmanager
+def patient_prefect() -> Iterator[None]:
+    """Prefect gives its temporary server 20 s to start, too little on a busy machine (benchmarks/README.md): 120 s,
+    unless PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS says otherwise."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}):
+        yield
+
+
+@contextlib.contextmanager
+def writing_into(folder: Path, elsewhere: str) -> Iterator[None]:
+    """A write that fails for lack of space or permission is bad input (the output folder), not a crash; `elsewhere`
+    says how to write to another folder."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_write_error(exc):
+            raise
+        raise write_error(exc, folder, elsewhere) from exc  # --verbose shows where it failed
 
 
 @contextlib.contextmanager

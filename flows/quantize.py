@@ -70,10 +70,12 @@ def run_pipeline(p: Params, run: tracking.TrackedRun) -> dict[str, Any]:
         if p.sensitivity.enabled else None
     stages.run(tidl_bundle_task, p.tidl, qdq, data, sensitivity)
     ids["s3_uri"] = dest.uri if dest else None
-    summary = publish_task(p, stages.manifests, stages.timings, ids, [run.warning] if run.warning else [], choice)
-    tracking.track_task(run, p, summary, p.model_dir.resolve(), histories(stages.manifests))
-    if dest is not None:
-        storage.upload_task(dest, p.model_dir.resolve())
+    # Two runs of one model share its folder: each writes, logs and uploads it before the other may replace it.
+    with files.lock(p.model_dir.with_name(f"{p.model_dir.name}.publish")):
+        summary = publish_task(p, stages.manifests, stages.timings, ids, [run.warning] if run.warning else [], choice)
+        tracking.track_task(run, p, summary, p.model_dir.resolve(), histories(stages.manifests))
+        if dest is not None:
+            storage.upload_task(dest, p.model_dir.resolve())
     if not summary["gate"]["passed"]:
         raise GateFailed(f"{summary['model']}: the quality gate failed: {'; '.join(summary['gate']['reasons'])}. "
                          f"The report is in {p.model_dir / 'summary.json'}.")

@@ -73,7 +73,7 @@ def run(quant: QuantParams, float_dir: Path, data_dir: Path, out: Path) -> dict:
     """Quantize the float ONNX model with each onnxruntime calibration method, score each on val, keep the best."""
     images = calibration_images(quant, data_dir)
     x_val, y_val = load_split(data_dir, "val")
-    float_logits = np.load(Path(float_dir) / "float_val_logits.npy")
+    float_logits = np.load(Path(float_dir) / "float_val_logits.npy", allow_pickle=False)
     float_accuracy = training.accuracy(float_logits, y_val)
     with tempfile.TemporaryDirectory(prefix="tidlq-baseline-ort-") as tmp:
         prepared = Path(tmp) / "float_preprocessed.onnx"

@@ -3,7 +3,8 @@
 A stage's key is the SHA-256 of its name, the digest of the project code it runs (its module and every `tasks.*`
 module it imports, transitively), the versions of the libraries that shape its output, its params sections
 (canonical JSON) and the content digests of its input files. Its outputs live in `<root>/<stage>/<key[:16]>/`,
-written to a temporary folder and renamed into place, with a `manifest.json` that lists every file's SHA-256.
+written to a temporary folder and renamed into place, with a `manifest.json` that lists every file's SHA-256; runs
+that build the same folder at the same time take turns on a lock file beside it, and the later one reuses it.
 
 Prefect caches the stage's `Manifest` under the same key. `StageRunner.run` checks the folder before calling the task:
 when it is gone or damaged, the task runs again with `refresh_cache=True`, which overwrites the stale record.
@@ -76,11 +77,20 @@ def build(root: Path, stage: str, module: str, args: Sequence[Any], work: Callab
 
 def write_stage(final: Path, stage: str, key: str, work: Callable[[Path], dict]) -> Manifest:
     """Run `work(folder)` in a temporary folder, write its manifest (file digests, the facts `work` returns; nothing
-    that varies between identical runs), and rename the folder to `final` in one step."""
-    with files.atomic_dir(final) as tmp:
-        info = work(tmp) or {}
-        digests = {p.relative_to(tmp).as_posix(): files.sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        files.write_json(tmp / MANIFEST, {"stage": stage, "key": key, "files": digests, "info": info})
+    that varies between identical runs), and rename the folder to `final` in one step.
+
+    Processes building the same `final` take turns on its lock file; one that finds `final` already intact (built by
+    the other while it waited) returns that manifest without running `work`. Different keys never wait on each other.
+    """
+    with files.lock(final):
+        built = load_intact(final)
+        if built is not None and built.key == key:
+            return built
+        with files.atomic_dir(final) as tmp:
+            info = work(tmp) or {}
+            digests = {p.relative_to(tmp).as_posix(): files.sha256_file(p) for p in sorted(tmp.rglob("*"))
+                       if p.is_file()}
+            files.write_json(tmp / MANIFEST, {"stage": stage, "key": key, "files": digests, "info": info})
     return Manifest(stage=stage, key=key, dir=Path(final), files=digests, info=info)
 
 

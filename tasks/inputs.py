@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from tasks import files, storage
+from tasks.errors import UserError
 
 
 def fingerprint(source: str | None, field: str) -> str:
@@ -17,13 +18,18 @@ def fingerprint(source: str | None, field: str) -> str:
     if source.startswith("s3://"):
         return f"etag:{storage.etag(source, field)}"
     path = Path(source)
-    if path.is_file():
-        return files.sha256_file(path)
-    if path.is_dir():
-        h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(f"{p.relative_to(path).as_posix()}\0{files.sha256_file(p)}\0".encode())
-        return h.hexdigest()
+    try:
+        if path.is_file():
+            return files.sha256_file(path)
+        if path.is_dir():
+            h = hashlib.sha256()
+            for p in sorted(q for q in path.rglob("*") if q.is_file()):
+                h.update(f"{p.relative_to(path).as_posix()}\0{files.sha256_file(p)}\0".encode())
+            return h.hexdigest()
+    except OSError as exc:
+        name = f" ({exc.filename})" if exc.filename and str(exc.filename) != source else ""
+        raise UserError(f"{field} {source!r} cannot be read{name}: {exc.strerror or exc}. Make it readable, or point "
+                        f"{field} at another file.") from None
     return "missing"  # the stage itself explains what is wrong
 
 

@@ -104,7 +104,13 @@ def build(spec: dict[str, Any]) -> nn.Module:
     source = spec["source"]
     if source in BUILTINS:
         return BUILTINS[source](num_classes=spec["num_classes"], in_channels=spec["in_channels"])
-    model = resolve_callable(source)(**spec.get("kwargs", {}))
+    make, kwargs = resolve_callable(source), spec.get("kwargs", {})
+    try:
+        model = make(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's constructor may raise anything (TypeError on a bad kwarg)
+        raise UserError(f"model.source {source!r} cannot be built with model.kwargs {kwargs!r}: "
+                        f"{type(exc).__name__}: {_first_line(exc)}. Fix model.kwargs to match its signature, or the "
+                        "code that builds the model.") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.source {source!r} returned a {type(model).__name__}, not a torch.nn.Module. "
                         "Point it at a function or class that builds the model.")
@@ -123,9 +129,10 @@ def resolve_callable(source: str) -> Callable[..., Any]:
     module_name, _, attr = source.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"model.source {source!r}: module {module_name!r} cannot be imported ({exc}). Install the "
-                        "package or put it on PYTHONPATH, or use a built-in model.") from None
+    except Exception as exc:  # noqa: BLE001 - ImportError, or whatever the user's module raises while importing
+        reason = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        raise UserError(f"model.source {source!r}: module {module_name!r} cannot be imported ({reason}). Install the "
+                        "package or put it on PYTHONPATH, fix the error in it, or use a built-in model.") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"model.source {source!r}: module {module_name!r} has no callable {attr!r}. "

@@ -7,6 +7,7 @@ with a message that names the file and the field, and says what to do.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -21,24 +22,28 @@ TARGET_DEVICES = ("am62a", "am67a", "am68a", "am69a", "tda4vm", "am68pa")
 # MMAv1 devices: TIDL takes symmetric, power-of-2 scales only (tidl.md §2); quantization_scale_type 1.
 POWER_OF_2_DEVICES = frozenset({"tda4vm", "am68pa"})
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_SAFE_SEGMENT = re.compile(r"[A-Za-z0-9][\w.-]*", re.ASCII)  # a file or key name: no "..", no "/"
+BUCKET_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")  # S3 wants 3-63; no "/" is what matters here
+UNECHOED_FIELDS = ("storage.endpoint_url",)  # a refused value may hold credentials: not repeated in errors
 
 
 class Section(BaseModel):
-    """A params section: unknown keys are errors; a validated section cannot be changed afterwards."""
+    """A params section: unknown keys are errors, numbers are finite; a validated section cannot be changed afterwards.
+    """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataParams(Section):
     """Where the images come from and how they are split."""
 
-    source: str = Field("digits", description="'digits' (bundled with scikit-learn), a folder of class sub-folders, "
-                        "or an .npz file with arrays x and y")
+    source: str = Field("digits", min_length=1, description="'digits' (bundled with scikit-learn), a folder of class "
+                        "sub-folders, or an .npz file with arrays x and y")
     image_size: int = Field(32, ge=8, le=1024, description="images are resized to image_size x image_size")
     channels: Literal[1, 3] | None = Field(None, description="1 or 3; empty: taken from the source")
     val_fraction: float = Field(0.2, gt=0, lt=0.9)
     calib_fraction: float = Field(0.15, gt=0, lt=0.9)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (numpy and scikit-learn take 32 bits)")
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> DataParams:
@@ -51,14 +56,15 @@ class ModelParams(Section):
     """Which float model to quantize."""
 
     source: str = Field("mobilenet_v2_tiny", description="a built-in name or package.module:callable")
-    weights: str | None = Field(None, description="a state_dict file; empty: train the model on the train split")
+    weights: str | None = Field(None, min_length=1, description="a state_dict file; empty: train the model on the "
+                                "train split")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for a package.module:callable")
     name: str | None = Field(None, description="name used for outputs; empty: derived from source")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v not in BUILTIN_MODELS and not _IMPORT_PATH.match(v):
+        if v not in BUILTIN_MODELS and not _IMPORT_PATH.fullmatch(v):
             raise ValueError(f"must be a built-in model ({', '.join(BUILTIN_MODELS)}) or an import path "
                              f"'package.module:callable', got {v!r}")
         return v
@@ -66,7 +72,7 @@ class ModelParams(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", v):
+        if v is not None and not _SAFE_SEGMENT.fullmatch(v):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names a folder)")
         return v
 
@@ -84,7 +90,7 @@ class FloatTrainParams(Section):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (numpy and scikit-learn take 32 bits)")
 
 
 class QuantParams(Section):
@@ -124,7 +130,7 @@ class QatParams(Section):
                                         "empty: half of the epochs")
     freeze_observer_epoch: int | None = Field(None, ge=0, description="epoch after which observers freeze; "
                                               "empty: half of the epochs + 1")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (numpy and scikit-learn take 32 bits)")
 
 
 class ExportParams(Section):
@@ -176,6 +182,29 @@ class StorageParams(Section):
     bucket: str | None = Field(None, description="empty: TIDLQ_S3_BUCKET, and no upload when that is unset too")
     prefix: str = Field("tidlq", description="objects go to s3://<bucket>/<prefix>/<model>/<run id>/")
     endpoint_url: str | None = Field(None, description="empty: AWS_ENDPOINT_URL, or AWS's own endpoint")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, v: str | None) -> str | None:
+        if v is not None and not BUCKET_NAME.fullmatch(v):
+            raise ValueError("must be an S3 bucket name: lowercase letters, digits, '.' and '-' (no '/')")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_stays_inside(cls, v: str) -> str:
+        # Keys are <prefix>/<model>/<run id>/...: a '..' or empty segment could land them outside the prefix.
+        if not all(_SAFE_SEGMENT.fullmatch(part) for part in v.strip("/").split("/")):
+            raise ValueError("must be '/'-separated names of letters, digits, '.', '_' or '-', each starting with a "
+                             "letter or digit (no '..' and no empty parts)")
+        return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials_in_url(cls, v: str | None) -> str | None:
+        if v is not None and "@" in v.partition("://")[2].split("/", 1)[0]:
+            raise ValueError("must not hold credentials (user:password@); they come from the AWS chain only")
+        return v
 
 
 class NightlyParams(Section):
@@ -232,6 +261,7 @@ def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, An
         where = str(path)
         raw = _read_yaml(Path(path))
     for dotted, value in (overrides or {}).items():
+        _check_tree(value, f"--set {dotted}")
         _set_dotted(raw, dotted, value)
     try:
         return Params.model_validate(raw)
@@ -248,7 +278,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise UserError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. --set quant.mode=qat")
         try:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
+        except Exception:  # noqa: BLE001 - not YAML (PyYAML also raises ValueError, e.g. on 2024-13-01): a string
             out[key.strip()] = value
     return out
 
@@ -272,14 +302,29 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"params file {str(path)!r} not found. Pass an existing file with -p, e.g. -p params.yaml.")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc}). Fix the file's syntax.") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}). Pass a YAML params "
+                        "file with -p.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - YAMLError, and ValueError etc. from typed values such as 2024-13-01
+        raise UserError(f"{path}: not valid YAML ({type(exc).__name__}: {exc}). Fix the file's syntax.") from None
+    _check_tree(raw, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections (data, model, quant, ...), got {type(raw).__name__}.")
     return raw
+
+
+def _check_tree(raw: Any, where: str) -> None:
+    """Params are a tree: a YAML anchor that contains its own alias (`&a {x: *a}`) would make every later dump loop."""
+    try:
+        json.dumps(raw, default=str, skipkeys=True)
+    except (ValueError, RecursionError):
+        raise UserError(f"{where}: a YAML alias refers to the anchor that contains it (e.g. `&a {{x: *a}}`), which "
+                        "makes a recursive structure. Write the values out instead.") from None
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -317,5 +362,6 @@ def _explain(exc: ValidationError, where: str, overrides: dict[str, Any]) -> str
             lines.append(f"{origin}: unknown key {loc!r}{did_you_mean}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{origin}: {loc}: {msg} (got {err.get('input')!r}).")
+            got = "" if loc in UNECHOED_FIELDS else f" (got {err.get('input')!r})"
+            lines.append(f"{origin}: {loc}: {msg}{got}.")
     return "invalid params:\n  " + "\n  ".join(lines)

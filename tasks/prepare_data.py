@@ -110,6 +110,8 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
         raise UserError(f"{where} cannot be read as .npz ({exc}). Save it with numpy.savez(path, x=..., y=...).") \
             from None
     x = _to_nchw(x, where)
+    if len(x) == 0:
+        raise UserError(f"{where}: x holds no images (shape {x.shape}). Save at least 3 images per class.")
     scale = 1.0
     if x.dtype == np.uint8:
         scale = 1 / 255.0

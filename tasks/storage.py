@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import files
 from tasks.errors import UserError
-from tasks.params import StorageParams
+from tasks.params import BUCKET_NAME, StorageParams
 
 COMPLETE = "_complete.json"  # uploaded last: lists every object and its SHA-256; a prefix without it is incomplete
 
@@ -52,6 +52,9 @@ def destination(storage: StorageParams, model: str, run_id: str) -> Destination 
     bucket = storage.bucket or os.environ.get("TIDLQ_S3_BUCKET")
     if not bucket:
         return None
+    if not BUCKET_NAME.fullmatch(bucket):  # storage.bucket is checked by the params; the variable is not
+        raise UserError(f"TIDLQ_S3_BUCKET {bucket!r} is not an S3 bucket name: use lowercase letters, digits, "
+                        "'.' and '-'.")
     return Destination(bucket, f"{storage.prefix.strip('/')}/{model}/{run_id}", storage.endpoint_url)
 
 
@@ -174,10 +177,13 @@ def etag(uri: str, field: str) -> str:
 
 
 def split_uri(uri: str, field: str) -> tuple[str, str]:
-    """("bucket", "key") of `s3://bucket/key`."""
+    """("bucket", "key") of `s3://bucket/key`; no '.' or '..' parts (the key's last part names the cached file)."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     if not bucket or not key or key.endswith("/"):
         raise UserError(f"{field} {uri!r} is not an object URI; expected s3://bucket/path/to/file")
+    if not BUCKET_NAME.fullmatch(bucket) or {".", ".."} & set(key.split("/")) or "\0" in key:
+        raise UserError(f"{field} {uri!r}: a bucket name (lowercase letters, digits, '.', '-') and a key without "
+                        "'.' or '..' parts are needed; expected s3://bucket/path/to/file")
     return bucket, key
 
 

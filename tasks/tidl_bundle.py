@@ -127,7 +127,7 @@ def main() -> int:
     options["tidl_tools_path"] = os.path.expandvars(options["tidl_tools_path"])
     options["artifacts_folder"] = args.artifacts
     os.makedirs(args.artifacts, exist_ok=True)
-    frames = np.load(args.calib)
+    frames = np.load(args.calib, allow_pickle=False)
     needed = int(options["advanced_options:calibration_frames"])
     if len(frames) < needed:
         print(f"error: {args.calib} has {len(frames)} frames, calibration_frames is {needed}", file=sys.stderr)

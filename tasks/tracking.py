@@ -96,10 +96,27 @@ def start(params: Params, flow_run_id: str, flow_run_name: str) -> TrackedRun:
     experiment_id = ensure_experiment(client, params.tracking.experiment, uri)
     name = f"{params.model.display_name}-{params.quant.mode}-{params.tidl.target_device}"
     tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name, **git_tags(),
-            "runner.host": socket.gethostname(), "runner.parent_pid": str(os.getppid()),
+            "runner.host": socket.gethostname(), "runner.pid": str(os.getpid()), "runner.parent_pid": str(os.getppid()),
             "params_digest": files.sha256_json(flatten(params)), **library_tags()}
+    close_orphans(client, experiment_id)
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     return TrackedRun(uri, run.info.run_id)
+
+
+def close_orphans(client: Any, experiment_id: str) -> list[str]:
+    """Mark KILLED the experiment's RUNNING runs whose process, on this host, is gone (killed: it could not end its
+    run); return their ids. Runs of other hosts are left alone: their processes may be alive."""
+    host = socket.gethostname().replace("'", "")
+    orphans = [r for r in client.search_runs([experiment_id], max_results=1000,
+                                             filter_string=f"attributes.status = 'RUNNING' and "
+                                                           f"tags.`runner.host` = '{host}'")
+               if r.data.tags.get("runner.pid", "").isdigit() and not files.pid_alive(int(r.data.tags["runner.pid"]))]
+    for run in orphans:
+        reason = f"its process {run.data.tags['runner.pid']} on {host} ended without ending the run (killed)"
+        client.set_tag(run.info.run_id, "failure_reason", reason)
+        client.set_tag(run.info.run_id, "mlflow.note.content", f"Killed: {reason}")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [r.info.run_id for r in orphans]
 
 
 def ensure_experiment(client: Any, name: str, uri: str) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 from prefect import task
 
 from tasks import cache, files, metrics, training
+from tasks.errors import UserError
 from tasks.params import VerifyParams
 from tasks.prepare_data import load_split
 
@@ -24,9 +25,9 @@ CROSS_CHECK_AGREEMENT = 99.0
 def run(verify: VerifyParams, qdq_dir: Path, float_dir: Path, int8_dir: Path, data_dir: Path, out: Path) -> dict:
     """Measure the QDQ model on val and apply the gate; the result is written even when the gate fails."""
     x_val, y_val = load_split(data_dir, "val")
-    float_logits = np.load(Path(float_dir) / "float_val_logits.npy")
-    torch_logits = np.load(Path(int8_dir) / "int8_val_logits.npy")
-    ort_logits = metrics.onnx_logits(Path(qdq_dir) / "model_qdq.onnx", x_val)
+    float_logits = np.load(Path(float_dir) / "float_val_logits.npy", allow_pickle=False)
+    torch_logits = np.load(Path(int8_dir) / "int8_val_logits.npy", allow_pickle=False)
+    ort_logits = metrics.onnx_logits(loadable(Path(qdq_dir) / "model_qdq.onnx"), x_val)
     int8 = metrics.compare(float_logits, ort_logits, y_val)
     float_accuracy = training.accuracy(float_logits, y_val)
     convert = files.read_json(Path(int8_dir) / "convert.json")
@@ -53,6 +54,22 @@ def verify_onnx_task(root: Path, verify: VerifyParams, qdq: cache.Manifest, floa
     """Prefect task: `run` through the stage cache."""
     return cache.build(root, "verify_onnx", __name__, [verify, qdq, float_eval, int8, data],
                        lambda out: run(verify, qdq.dir, float_eval.dir, int8.dir, data.dir, out))
+
+
+def loadable(path: Path) -> bytes:
+    """The bytes of an ONNX model that onnxruntime can load; a UserError naming the file when it cannot."""
+    import onnxruntime as ort
+
+    data = path.read_bytes()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, InvalidGraph)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} cannot be loaded by onnxruntime ({reason}). It is the export_qdq stage's output: "
+                        "rebuild it (`dvc repro export_qdq`, or delete the folder and run again).") from None
+    return data
 
 
 def gate(verify: VerifyParams, result: dict) -> dict:

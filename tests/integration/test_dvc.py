@@ -41,6 +41,12 @@ def sh(cwd: Path, *cmd: str, env: dict | None = None, ok: bool = True) -> subpro
     return done
 
 
+def outs(repo: Path) -> dict[str, str]:
+    """The digest of every file DVC owns under pipeline/ (not .gitignore, nor the stages' lock files)."""
+    return {p.relative_to(repo).as_posix(): files.sha256_file(p) for p in (repo / "pipeline").rglob("*")
+            if p.is_file() and not p.name.startswith(".")}
+
+
 def set_params(repo: Path, changes: dict) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in changes.items():
@@ -128,9 +134,6 @@ def test_push_then_pull_into_a_fresh_checkout(repo: Path, stack, tmp_path: Path)
     sh(tmp_path, "git", "clone", "-q", str(repo), str(fresh))
     shutil.copy(repo / ".dvc" / "config.local", fresh / ".dvc" / "config.local")
     sh(fresh, "dvc", "pull")
-    built = {p.relative_to(repo).as_posix(): files.sha256_file(p) for p in (repo / "pipeline").rglob("*")
-             if p.is_file() and p.name != ".gitignore"}
-    pulled = {p.relative_to(fresh).as_posix(): files.sha256_file(p) for p in (fresh / "pipeline").rglob("*")
-              if p.is_file() and p.name != ".gitignore"}
+    built, pulled = outs(repo), outs(fresh)
     assert pulled == built and len(built) > 30
     assert "up to date" in sh(fresh, "dvc", "status").stdout

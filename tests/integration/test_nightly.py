@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -150,9 +151,11 @@ def test_a_worse_recipe_is_reported_as_regressed_and_keeps_the_champion(zoo: dic
     assert client.get_model_version_by_alias("mobilenet_qat-qdq", "champion").version == before
 
 
-def wait_until_running(api: str, count: int, timeout: float = 300) -> None:
-    """Until `count` quantize flow runs are RUNNING at once."""
-    query = {"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}, "flows": {"name": {"any_": ["quantize"]}}}
+def wait_until_running(api: str, count: int, since: datetime, timeout: float = 300) -> None:
+    """Until `count` quantize flow runs started after `since` are RUNNING at once (runs killed by other tests of
+    the session stay RUNNING forever: they do not count)."""
+    query = {"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}, "start_time": {"after_": since.isoformat()}},
+             "flows": {"name": {"any_": ["quantize"]}}}
     deadline = time.monotonic() + timeout
     while len(httpx.post(f"{api}/flow_runs/filter", json=query).json()) < count:
         assert time.monotonic() < deadline, f"fewer than {count} quantize runs ever ran at once"
@@ -165,12 +168,13 @@ def test_a_killed_worker_leaves_the_rest_to_the_other_and_a_rerun_finishes(zoo: 
     params["float_train"]["epochs"] = 6
     fresh = tmp_path / "params.yaml"
     fresh.write_text(yaml.safe_dump(params, sort_keys=False))
+    since = datetime.now(UTC)
     with servers.env_applied(zoo["env"]):
         started = subprocess.Popen([sys.executable, "-c", "import asyncio, sys; from flows.nightly import nightly; "
                                     "asyncio.run(nightly(sys.argv[1]))", str(fresh)], cwd=PROJECT_ROOT,
                                    env=os.environ | zoo["env"] | {"PYTHONPATH": str(PROJECT_ROOT)},
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_until_running(zoo["env"]["PREFECT_API_URL"], 2)  # each worker is inside a model
+    wait_until_running(zoo["env"]["PREFECT_API_URL"], 2, since)  # each worker is inside a model
     zoo["workers"].kill("w1")
     output, _ = started.communicate(timeout=600)
     assert started.returncode != 0 and "failed" in output  # the killed worker's model never finished

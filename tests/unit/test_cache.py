@@ -3,9 +3,16 @@ folders; integrity checks."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock, Timeout
 
 from tasks import cache, files
 from tasks.params import QatParams, QuantParams
@@ -16,7 +23,7 @@ def manifest(tmp_path: Path, content: bytes, name: str = "up") -> cache.Manifest
         (out / "a.bin").write_bytes(content)
         return {"size": len(content)}
 
-    return cache.build(tmp_path, name, "tasks.calibrate", [], work)
+    return cache.build(tmp_path, name, "tasks.calibrate", [content.hex()], work)
 
 
 def test_key_depends_on_params_inputs_and_stage(tmp_path: Path) -> None:
@@ -77,7 +84,109 @@ def test_a_failing_stage_leaves_nothing_behind(tmp_path: Path) -> None:
 
     with pytest.raises(RuntimeError):
         cache.build(tmp_path, "broken", "tasks.calibrate", [], work)
-    assert list((tmp_path / "broken").iterdir()) == []
+    assert [p for p in (tmp_path / "broken").iterdir() if p.suffix != ".lock"] == []
+
+
+def test_the_same_key_is_built_once_when_two_build_it_at_once(tmp_path: Path) -> None:
+    calls = []
+    results: list[cache.Manifest] = []
+
+    def work(out: Path) -> dict:
+        calls.append(threading.get_ident())
+        time.sleep(0.3)  # the other builder arrives while this one works
+        (out / "a.bin").write_bytes(b"once")
+        return {"n": 1}
+
+    def builder() -> None:
+        results.append(cache.build(tmp_path, "same", "tasks.calibrate", [], work))
+
+    threads = [threading.Thread(target=builder) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results[0] == results[1] == cache.load_intact(results[0].dir)
+
+
+def test_writers_of_one_folder_take_turns(tmp_path: Path) -> None:
+    """Replacing a folder takes two renames; writers racing on them must neither fail nor leave it missing."""
+    final, errors = tmp_path / "published", []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(30):
+                with files.atomic_dir(final) as tmp:
+                    (tmp / "who").write_text(f"{n}-{i}")
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert (final / "who").read_text().endswith("-29")
+    assert [p.name for p in tmp_path.iterdir() if p != final and p.suffix != ".lock"] == []
+
+
+def test_different_keys_do_not_wait_on_each_other(tmp_path: Path) -> None:
+    inside = threading.Event()
+    release = threading.Event()
+
+    def slow(out: Path) -> dict:
+        inside.set()
+        assert release.wait(10)
+        return {}
+
+    thread = threading.Thread(target=cache.build, args=(tmp_path, "k", "tasks.calibrate", ["one"], slow))
+    thread.start()
+    assert inside.wait(10)
+    other = cache.build(tmp_path, "k", "tasks.calibrate", ["two"], lambda out: {"other": True})  # no wait
+    release.set()
+    thread.join()
+    assert other.info == {"other": True}
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temp_folders_of_dead_writers_are_swept(tmp_path: Path) -> None:
+    final = tmp_path / "stage" / "0123456789abcdef"
+    final.parent.mkdir()
+    mine = files.temp_prefix(final)
+    dead = final.parent / (mine.replace(f".p{os.getpid()}@", f".p{dead_pid()}@") + "x1.tmp")
+    alive = final.parent / f"{mine}x2.tmp"
+    elsewhere = final.parent / (mine.rsplit("@", 1)[0] + "@otherhost.x3.tmp")
+    for folder in (dead, alive, elsewhere):
+        (folder / "half").mkdir(parents=True)
+    m = cache.write_stage(final, "stage", "k" * 64, lambda out: {"a": (out / "a").write_bytes(b"a")})
+    assert cache.load_intact(m.dir) == m
+    assert not dead.exists()
+    assert alive.exists() and elsewhere.exists()  # a live writer's, another host's: not ours to remove
+
+
+def test_a_killed_lock_holder_does_not_block_the_next_build(tmp_path: Path) -> None:
+    lock_file = tmp_path / ".x.lock"
+    script = (f"import time; from filelock import FileLock; lock = FileLock({str(lock_file)!r}); lock.acquire(); "
+              "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Timeout):
+            FileLock(lock_file, timeout=0.2).acquire()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        with FileLock(lock_file, timeout=5):  # flock: the kernel released it with the process
+            pass
+        assert files.lock(tmp_path / "x").lock_file == str(lock_file)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:

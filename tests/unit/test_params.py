@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tasks import files
 from tasks.errors import UserError
 from tasks.params import Params, flatten, load_params, parse_overrides
 
@@ -97,3 +100,55 @@ def test_loader_only_ever_returns_params_or_raises_user_error(overrides: dict) -
         assert isinstance(load_params(None, overrides), Params)
     except UserError as err:
         assert str(err).startswith("invalid params")
+
+
+SECTIONS = sorted(Params.model_fields)
+KNOWN_KEYS = sorted(set(flatten(Params())) | set(SECTIONS))
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12), st.dates())
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.one_of(st.sampled_from([k.rsplit(".", 1)[-1] for k in KNOWN_KEYS]), st.text(max_size=6), st.integers()),
+    inner, max_size=3), max_leaves=10)
+KEYS = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(alphabet="abdemoqstu._", max_size=12))
+# Pieces of YAML, including the typed values and tags PyYAML's safe loader chokes on in ways other than YAMLError.
+YAML_PIECES = st.sampled_from([
+    "data:", "model:", "quant:", "nightly:", "output_dir:", " source:", " image_size:", " kwargs:", " mode:", " seed:",
+    " models:", "\n", "\n  ", "- ", "[", "]", "{", "}", ": ", ", ", "&a ", "*a", "!!int ", "!!float ", "!!timestamp ",
+    "!!binary ", "!!set ", "!!str ", "!!python/object:os.system ", "2001-13-45", "2024-01-01", ".nan", "-.inf", "1e999",
+    "0x1F", "null", "~", "yes", "qat", "'", '"', "#", "? ", "|", ">", "---\n", "...\n", "%YAML 1.1\n", "\t", "\xff",
+])
+
+
+def assert_params_or_user_error(load: Callable[[], Params]) -> None:
+    """What the loader returns is a usable Params (it dumps, as tracking and cache keys do); anything else is a
+    UserError with a message."""
+    try:
+        p = load()
+    except UserError as err:
+        assert str(err).strip()
+        return
+    assert isinstance(p, Params)
+    files.canonical_json(flatten(p))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(KEYS, VALUES, max_size=6))
+def test_fuzzed_overrides_give_params_or_a_user_error(overrides: dict) -> None:
+    assert_params_or_user_error(lambda: load_params(ROOT / "params.yaml", overrides))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.dictionaries(st.one_of(st.sampled_from(SECTIONS), st.text(max_size=5)),
+                                 st.one_of(VALUES, st.dictionaries(KEYS.map(lambda k: k.rsplit(".", 1)[-1]), VALUES,
+                                                                   max_size=4)), max_size=5).map(yaml.safe_dump),
+                 st.lists(YAML_PIECES, max_size=30).map("".join),
+                 st.text(max_size=80)))
+def test_fuzzed_params_files_give_params_or_a_user_error(text: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(text, encoding="utf-8", errors="surrogateescape")
+        assert_params_or_user_error(lambda: load_params(path))
+
+
+@pytest.mark.parametrize("pairs", [["data.seed=2001-13-45"], ["model.kwargs=!!int x"], ["model.kwargs=&a {x: *a}"]])
+def test_set_values_that_pyyaml_cannot_construct(pairs: list[str]) -> None:
+    assert_params_or_user_error(lambda: load_params(None, parse_overrides(pairs)))
