@@ -41,10 +41,14 @@ def sh(cwd: Path, *cmd: str, env: dict | None = None, ok: bool = True) -> subpro
     return done
 
 
+PUBLISH_MANIFEST = "pipeline/publish/manifest.json"
+
+
 def outs(repo: Path) -> dict[str, str]:
-    """The digest of every file DVC owns under pipeline/ (not .gitignore, nor the stages' lock files)."""
+    """The digest of every file DVC or git owns under pipeline/: not .gitignore, the stages' lock files, nor the
+    publish stage's own manifest (git ignores it: it is not an out of dvc.yaml)."""
     return {p.relative_to(repo).as_posix(): files.sha256_file(p) for p in (repo / "pipeline").rglob("*")
-            if p.is_file() and not p.name.startswith(".")}
+            if p.is_file() and not p.name.startswith(".") and p.relative_to(repo).as_posix() != PUBLISH_MANIFEST}
 
 
 def set_params(repo: Path, changes: dict) -> None:
