@@ -9,30 +9,14 @@ import numpy as np
 import onnx
 import pytest
 
-from tasks import baseline_ort, evaluate_float, files, float_model, metrics, training
-from tasks.params import DataParams, ExportParams, FloatTrainParams, ModelParams, QuantParams
+from tasks import baseline_ort, files, metrics, training
+from tasks.params import QuantParams
 from tasks.prepare_data import load_split
-from tasks.prepare_data import run as prepare
+from tests.unit.conftest import stage
 
 # Three quantized variants of a ~95-99 % model on ~360 val images: each may lose a few images, not more.
 MAX_DROP = 3.0
 MIN_SQNR_DB = 15.0
-
-
-def stage(tmp: Path, name: str, fn, *args) -> Path:
-    out = tmp / name
-    out.mkdir()
-    fn(*args, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("baseline")
-    data = stage(tmp, "data", prepare, DataParams(image_size=16))
-    model = stage(tmp, "model", float_model.run, ModelParams(), FloatTrainParams(epochs=3), data)
-    float_eval = stage(tmp, "float", evaluate_float.run, ExportParams(), model, data)
-    return {"tmp": tmp, "data": data, "float": float_eval}
 
 
 @pytest.fixture(scope="module")
