@@ -11,15 +11,20 @@ import numpy as np
 import onnxruntime as ort
 
 
-def onnx_logits(model: Path | bytes, x: np.ndarray) -> np.ndarray:
-    """Logits of an ONNX model (a path or serialized bytes) with a static batch-1 input, one sample at a time, on the
-    CPU provider."""
+def session(model: Path | bytes) -> ort.InferenceSession:
+    """An onnxruntime session on the CPU provider for an ONNX model (a path or serialized bytes); errors only."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(model: Path | bytes | ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """Logits of an ONNX model (a path, serialized bytes or a session) with a static batch-1 input, one sample at a
+    time."""
+    run = model if isinstance(model, ort.InferenceSession) else session(model)
+    name = run.get_inputs()[0].name
+    return np.concatenate([run.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:

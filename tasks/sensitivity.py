@@ -39,7 +39,6 @@ least `min_gain_db`) and `sensitivity.png`. The recipe comes from prepared.json.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,8 +218,8 @@ def float_params(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
 def layer_sqnrs(model: onnx.ModelProto, layers: list[Layer], x: np.ndarray) -> dict[str, float]:
     """SQNR of each layer's int8 output in onnxruntime against the same tensor of `float_graph`, over all images."""
     tensors = [layer.measured for layer in layers]
-    int8 = _session(_with_outputs(model, tensors))
-    reference = _session(_with_outputs(float_graph(model, layers), tensors))
+    int8 = metrics.session(_with_outputs(model, tensors).SerializeToString())
+    reference = metrics.session(_with_outputs(float_graph(model, layers), tensors).SerializeToString())
     sums = np.zeros((len(layers), 2))  # signal, noise
     for i in range(len(x)):
         q, f = (_named_outputs(session, x[i:i + 1]) for session in (int8, reference))
@@ -298,18 +297,9 @@ def _named_outputs(session: ort.InferenceSession, x: np.ndarray) -> dict[str, np
     return dict(zip(names, session.run(None, {session.get_inputs()[0].name: x}), strict=True))
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def onnx_logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """Logits of an in-memory ONNX model through the project's one onnxruntime helper (`metrics.onnx_logits`)."""
-    with tempfile.TemporaryDirectory(prefix="tidlq-sensitivity-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        path.write_bytes(model.SerializeToString())
-        return metrics.onnx_logits(path, x)
+    """Logits of an in-memory ONNX model (`metrics.onnx_logits`)."""
+    return metrics.onnx_logits(model.SerializeToString(), x)
 
 
 def score(logits: np.ndarray, float_logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

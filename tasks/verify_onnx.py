@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from prefect import task
 
 from tasks import cache, files, metrics, training
@@ -56,20 +57,14 @@ def verify_onnx_task(root: Path, verify: VerifyParams, qdq: cache.Manifest, floa
                        lambda out: run(verify, qdq.dir, float_eval.dir, int8.dir, data.dir, out))
 
 
-def loadable(path: Path) -> bytes:
-    """The bytes of an ONNX model that onnxruntime can load; a UserError naming the file when it cannot."""
-    import onnxruntime as ort
-
-    data = path.read_bytes()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+def loadable(path: Path) -> ort.InferenceSession:
+    """An onnxruntime session of the ONNX model at `path`; a UserError naming the file when it cannot be loaded."""
     try:
-        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        return metrics.session(path)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, InvalidGraph)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} cannot be loaded by onnxruntime ({reason}). It is the export_qdq stage's output: "
                         "rebuild it (`dvc repro export_qdq`, or delete the folder and run again).") from None
-    return data
 
 
 def gate(verify: VerifyParams, result: dict) -> dict:
