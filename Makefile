@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check flows tasks tests benchmarks
+	$(BIN)/ruff check flows tidlq infra tests benchmarks
 
 # Every benchmark, one after another (about 20 min on 2 idle cores); each prints its table and writes
 # benchmarks/results/<name>.json. benchmarks/README.md has the latest numbers.

@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.local import stack
-from infra.local.stack import terminate_group
-from tasks import files
+from infra.local.processes import terminate_group
+from tidlq.core import files
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -2,7 +2,7 @@
 
 Trains the default float model (prepare_data and float_model stages at the default params, in a temporary folder),
 then for each observer (histogram, minmax, moving_average, percentile) prepares it as the calibrate stage does
-(`qconfig.recipe_for`, `qconfig.prepare` under the recipe's quantized engine) and times one pass of the calibration
+(`recipes.recipe_for`, `fx.prepare` under the recipe's quantized engine) and times one pass of the calibration
 batches through the fresh observing model: the calibrate stage's work, without bias correction. The float model runs
 each batch right before or after it (alternating), so that bursts of load on a shared machine hit both alike. Each
 repeat prepares a fresh model: every timed pass is a first calibration, as in the pipeline. prepare_fx folds BatchNorm
@@ -29,11 +29,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from tasks import files, float_model, models, qconfig
-from tasks.calibrate import calibration_batches
-from tasks.params import Params, load_params
-from tasks.prepare_data import load_split
-from tasks.prepare_data import run as prepare
+from tidlq.core import files
+from tidlq.core.params import Params, load_params
+from tidlq.data.dataset import calibration_batches, load_split
+from tidlq.models import networks
+from tidlq.quant import fx, recipes
+from tidlq.stages import float_model
+from tidlq.stages.prepare_data import run as prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,13 +64,13 @@ def paired_pass(net: nn.Module, prepared: nn.Module, batches: list[torch.Tensor]
 
 def measure(p: Params, observer: str, model_dir: Path, batches: list[torch.Tensor], repeats: int) -> dict:
     """Per repeat: a fresh prepare (untimed), then its calibration pass paired with the float model's; seconds."""
-    net = models.load(model_dir)
+    net = networks.load(model_dir)
     spec = files.read_json(model_dir / "model.json")
-    recipe = qconfig.recipe_for(p.quant.model_copy(update={"observer": observer}), p.tidl.target_device)
+    recipe = recipes.recipe_for(p.quant.model_copy(update={"observer": observer}), p.tidl.target_device)
     float_s, observed_s = [], []
-    with qconfig.quantized_engine(qconfig.engine_for(recipe.preset)):
+    with fx.quantized_engine(recipe.spec.engine):
         for _ in range(repeats):
-            prepared = qconfig.prepare(net, recipe, False, spec["input_shape"], spec["source"])
+            prepared = fx.prepare(net, recipe, False, spec["input_shape"], spec["source"])
             f, o = paired_pass(net, prepared, batches)
             float_s.append(f)
             observed_s.append(o)
@@ -103,8 +105,8 @@ def main() -> None:
         batches = [torch.from_numpy(np.ascontiguousarray(b))
                    for b in calibration_batches(x, p.quant.batch_size, p.quant.calibration_batches)]
         images = sum(len(b) for b in batches)
-        timed_pass(models.load(model), batches)  # warm-up: torch's first call allocates
-        rows = [summarize(o, measure(p, o, model, batches, args.repeats), images) for o in qconfig.OBSERVERS]
+        timed_pass(networks.load(model), batches)  # warm-up: torch's first call allocates
+        rows = [summarize(o, measure(p, o, model, batches, args.repeats), images) for o in recipes.OBSERVERS]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
               "model": p.model.display_name, "target_device": p.tidl.target_device,

@@ -34,7 +34,7 @@ import snapshot
 from rich.console import Console
 from rich.table import Table
 
-from tasks import files
+from tidlq.core import files
 
 ROOT = Path(__file__).resolve().parents[1]
 TIDLQ = str(Path(sys.executable).with_name("tidlq"))

@@ -21,20 +21,12 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-from tasks import (
-    autopilot,
-    baseline_ort,
-    calibrate,
-    convert,
-    evaluate_float,
-    export_qdq,
-    files,
-    float_model,
-    tidl_compat,
-    verify_onnx,
-)
-from tasks.params import BUILTIN_MODELS, Params, QuantParams, load_params
-from tasks.prepare_data import run as prepare
+from tidlq import autopilot
+from tidlq.core import files
+from tidlq.core.params import BUILTIN_MODELS, Params, QuantParams, load_params
+from tidlq.stages import baseline_ort, calibrate, convert, evaluate_float, export_qdq, float_model, verify_onnx
+from tidlq.stages.prepare_data import run as prepare
+from tidlq.tidl import lint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +60,7 @@ def autopilot_result(p: Params, model: Path, data: Path, float_eval: Path, tmp: 
 def power_of_2_result(p: Params, model: Path, data: Path, float_eval: Path, tmp: Path) -> dict:
     """The default recipe for tda4vm: accuracy, and whether every scale is a power of two (the TIDL lint)."""
     _, qdq, v = ptq(p, p.quant, "tda4vm", model, data, float_eval, tmp)
-    findings = tidl_compat.check(onnx.load(qdq / "model_qdq.onnx"), "tda4vm")
+    findings = lint.check(onnx.load(qdq / "model_qdq.onnx"), "tda4vm")
     return {"accuracy": v["int8"]["accuracy"], "accuracy_drop": v["accuracy_drop"], "sqnr_db": v["int8"]["sqnr_db"],
             "rejects": len([f for f in findings if f["severity"] == "reject"])}
 
@@ -78,7 +70,8 @@ def compare_model(p: Params, data: Path, tmp: Path) -> dict:
     model = stage(tmp, "model", lambda o: float_model.run(p.model, p.float_train, data, o))
     float_eval = stage(tmp, "float", lambda o: evaluate_float.run(p.export, model, data, o))
     prepared, _, v = ptq(p, p.quant, p.tidl.target_device, model, data, float_eval, tmp / "default")
-    base = stage(tmp, "baseline", lambda o: baseline_ort.run(p.quant, float_eval, data, o))
+    base = stage(tmp, "baseline", lambda o: baseline_ort.run(p.quant.batch_size, p.quant.calibration_batches,
+                                                                  float_eval, data, o))
     b = files.read_json(base / "baseline.json")
     ours_images = files.read_json(prepared / "prepared.json")["calibration_images"]
     if ours_images != b["calibration_images"]:

@@ -13,7 +13,7 @@ from contextlib import closing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ("flows", "tasks", "infra", "params.yaml")
+CODE = ("flows", "tidlq", "infra", "params.yaml")
 
 
 def take(dest: Path) -> tuple[Path, dict[str, str]]:

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.local import stack
-from tasks import files
+from tidlq.core import files
 
 ROOT = Path(__file__).resolve().parents[1]
 

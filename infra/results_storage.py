@@ -8,6 +8,20 @@ them from its own AWS chain (environment, profile, role).
 
 from __future__ import annotations
 
+import os
+
+from tidlq.core.errors import UserError
+
+
+def configure_from_env(name: str = "tidlq-results") -> tuple[str, str, str]:
+    """`create_block` for the stack in the environment (TIDLQ_S3_BUCKET, AWS_ENDPOINT_URL, PREFECT_API_URL, as
+    `.stack/env` sets them); (block slug, server URL, bucket)."""
+    bucket = os.environ.get("TIDLQ_S3_BUCKET")
+    server = os.environ.get("PREFECT_API_URL")
+    if not bucket or not server:
+        raise UserError("results-storage needs TIDLQ_S3_BUCKET and PREFECT_API_URL (source .stack/env).")
+    return create_block(bucket, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"), name=name), server, bucket
+
 
 def create_block(bucket: str, folder: str = "prefect-results", endpoint_url: str | None = None,
                  name: str = "tidlq-results") -> str:

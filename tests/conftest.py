@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.params import Params, load_params
+from tidlq.core.params import Params, load_params
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the project root: params.yaml, README.md
 

@@ -19,18 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from infra.local.stack import (
-    SERVICES,
-    down,
-    read_config,
-    s3_client,
-    service_pid,
-    stack_env,
-    start_service,
-    status,
-    stop_service,
-    up,
-)
+from infra.local.config import SERVICES, read_config, stack_env
+from infra.local.stack import down, s3_client, service_pid, start_service, status, stop_service, up
 
 __all__ = [
     "SERVICES", "env_applied", "pids", "read_env", "restart", "s3_client", "service_pid", "start_service",

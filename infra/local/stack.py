@@ -1,17 +1,9 @@
-"""The local stack: SeaweedFS (S3), an MLflow server and a Prefect server on 127.0.0.1, started and stopped by PID.
+"""The local stack: SeaweedFS (S3), an MLflow server and a Prefect server on 127.0.0.1, each started and stopped by
+PID (`infra.local.processes`), with its state in one folder (default `.stack`, `infra.local.config`).
 
-Everything lives in one state folder (default `.stack`):
-
-    stack.json        ports and bucket, chosen on the first `up` and reused afterwards
-    credentials       the S3 keys (mode 0600), generated on the first `up`
-    env               `export KEY=VALUE` lines for bash (mode 0600): `source .stack/env`
-    s3/ mlflow/ prefect/   the data of each service, kept by `down`
-    logs/<name>.log   stdout and stderr of each service (appended)
-    pids/<name>.pid   the PID of each running service (its process group: start_new_session=True)
-
-Processes are only ever signalled through their recorded PID (and its process group), never by name. PIDs are
-checked against the start time recorded next to them (pids/<name>.start) so a reused PID is never signalled.
-Linux only: liveness and process groups are read from /proc.
+`up` starts whatever is not running and waits until every service answers; `down` stops exactly the processes it
+started and keeps the data; a test or a fault injection can stop and start one service (`stop_service`,
+`start_service`) while the others keep running.
 """
 
 from __future__ import annotations
@@ -19,216 +11,34 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import secrets
-import shlex
 import shutil
-import signal
-import socket
 import stat
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-from rich.console import Console
-from rich.table import Table
+from infra.local import processes
+from infra.local.config import (
+    HOST,
+    REGION,
+    SERVICES,
+    StackError,
+    configure,
+    port_in_use,
+    prepare_dir,
+    read_config,
+    service_ports,
+    stack_env,
+    write_env_file,
+)
+from tidlq.core import s3
+from tidlq.core.errors import UserError
 
-from tasks.errors import UserError
-
-HOST = "127.0.0.1"
-DEFAULT_DIR = Path(".stack")
-DEFAULT_BUCKET = "tidlq"
-REGION = "us-east-1"
-SERVICES = ("seaweedfs", "mlflow", "prefect")  # start order; `down` stops in reverse
-WEED_COMPONENTS = ("s3", "master", "volume", "filer", "admin")  # each opens an HTTP and a gRPC port
-GRPC_OFFSET = 10000  # weed's default gRPC port is HTTP + 10000; its embedded worker assumes it for the admin server
-PORT_NAMES = (*WEED_COMPONENTS, *(f"{c}_grpc" for c in WEED_COMPONENTS), "mlflow", "prefect")
 START_TIMEOUT = 120.0
-STOP_TIMEOUT = 15.0
-_CHILDREN: dict[int, subprocess.Popen] = {}  # processes started by this Python process, so they can be reaped
-_SPAWNED_AT: dict[int, float] = {}  # their time.monotonic() at start, to measure start-up times
-
-
-class StackError(UserError):
-    """A service of the local stack did not start or stop; the message names it and shows the end of its log."""
-
-
-# ---------------------------------------------------------------- state folder, config, credentials, env
-
-
-def prepare_dir(state_dir: Path | str) -> Path:
-    """The state folder as an absolute path, with its sub-folders created; a UserError if it is not writable."""
-    path = Path(state_dir).expanduser().absolute()
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for sub in ("s3", "mlflow", "prefect", "logs", "pids"):
-            (path / sub).mkdir(exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as exc:
-        raise UserError(f"stack directory {path} is not usable: {exc.strerror or exc}") from None
-    return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and os.replace; the file gets mode 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def configure(state_dir: Path | str, ports: Mapping[str, int] | None = None,
-              bucket: str | None = None) -> dict[str, Any]:
-    """Ports, bucket and credentials of the stack: the given ones, else the remembered ones, else new (and saved)."""
-    state_dir = Path(state_dir)
-    saved = read_config(state_dir, required=False)
-    unknown = set(ports or {}) - set(PORT_NAMES)
-    if unknown:
-        raise UserError(f"unknown port name(s) {sorted(unknown)}; known: {', '.join(PORT_NAMES)}")
-    wanted = {**saved.get("ports", {}), **{k: int(v) for k, v in (ports or {}).items()}}
-    bucket = _check_bucket(bucket or saved.get("bucket") or DEFAULT_BUCKET)
-    changed = saved and (wanted != saved["ports"] or bucket != saved.get("bucket"))
-    if changed and any(service_pid(state_dir, n) for n in SERVICES):
-        raise UserError(f"the stack in {state_dir} runs with other ports or bucket; run `tidlq stack down` first")
-    config = {"ports": fill_ports(wanted), "bucket": bucket}
-    if len(set(config["ports"].values())) < len(PORT_NAMES):
-        raise UserError(f"two services of the stack would share a port: {config['ports']}")
-    if config != {k: saved.get(k) for k in ("ports", "bucket")}:
-        write_atomic(state_dir / "stack.json", json.dumps(config, indent=2) + "\n")
-    return {**config, "credentials": credentials(state_dir)}
-
-
-def read_config(state_dir: Path | str, required: bool = True) -> dict[str, Any]:
-    """The saved stack.json plus credentials ({} if there is none and not `required`)."""
-    path = Path(state_dir) / "stack.json"
-    if not path.exists():
-        if required:
-            raise UserError(f"no stack in {state_dir}; run `tidlq stack up --dir {state_dir}` first")
-        return {}
-    try:
-        config = json.loads(path.read_text())
-        missing = set(PORT_NAMES) - set(config["ports"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is damaged ({exc}); delete it to choose new ports") from None
-    if missing:
-        raise UserError(f"{path} lacks ports {sorted(missing)}; delete it to choose new ports")
-    return {**config, "credentials": credentials(state_dir)} if required else config
-
-
-def _check_bucket(name: str) -> str:
-    """`name` if it is a valid S3 bucket name, else a UserError."""
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name):
-        raise UserError(f"bad bucket name {name!r}: use 3-63 lowercase letters, digits, '-' and '.'")
-    return name
-
-
-def credentials(state_dir: Path | str) -> dict[str, str]:
-    """The S3 keys of the stack from <state>/credentials, generated with `secrets` (mode 0600) on the first call."""
-    path = Path(state_dir) / "credentials"
-    if not path.exists():
-        keys = {"AWS_ACCESS_KEY_ID": "TIDLQ" + secrets.token_hex(8).upper(),
-                "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}
-        write_atomic(path, "".join(f"{k}={v}\n" for k, v in keys.items()))
-    pairs = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    if not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(pairs):
-        raise UserError(f"{path} must have AWS_ACCESS_KEY_ID=... and AWS_SECRET_ACCESS_KEY=... lines")
-    return {k: pairs[k].strip() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-
-
-def stack_env(config: Mapping[str, Any]) -> dict[str, str]:
-    """The environment a client of the stack needs: Prefect API, MLflow tracking URI, S3 endpoint, keys, bucket."""
-    ports = config["ports"]
-    return {
-        "PREFECT_API_URL": f"http://{HOST}:{ports['prefect']}/api",
-        "MLFLOW_TRACKING_URI": f"http://{HOST}:{ports['mlflow']}",
-        "AWS_ENDPOINT_URL": f"http://{HOST}:{ports['s3']}",
-        **config["credentials"],
-        "AWS_DEFAULT_REGION": REGION,
-        "TIDLQ_S3_BUCKET": config["bucket"],
-    }
-
-
-def write_env_file(state_dir: Path, env: Mapping[str, str]) -> Path:
-    """Write <state>/env (`export KEY=VALUE` lines for bash) atomically with mode 0600; its path."""
-    path = Path(state_dir) / "env"
-    write_atomic(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
-    return path
-
-
-# ---------------------------------------------------------------- ports
-
-
-def fill_ports(ports: Mapping[str, int]) -> dict[str, int]:
-    """All ports of the stack: the given ones plus free 127.0.0.1 ports for the rest (weed gRPC = HTTP + 10000)."""
-    result = dict(ports)
-    with contextlib.ExitStack() as held:  # keep chosen ports bound until all are chosen, so none is picked twice
-        taken = set(result.values())
-        for comp in WEED_COMPONENTS:
-            if comp not in result:
-                result[comp] = _free_port(held, taken, pair=f"{comp}_grpc" not in result)
-            if f"{comp}_grpc" not in result:
-                grpc = result[comp] + GRPC_OFFSET
-                result[f"{comp}_grpc"] = grpc if grpc <= 65535 else _free_port(held, taken)
-        for name in ("mlflow", "prefect"):
-            if name not in result:
-                result[name] = _free_port(held, taken)
-    return {name: result[name] for name in PORT_NAMES}
-
-
-def _free_port(held: contextlib.ExitStack, taken: set[int], pair: bool = False) -> int:
-    """A free port from binding 127.0.0.1:0, held open by `held`; with `pair`, port + 10000 is free as well."""
-    for _ in range(200):
-        port = _hold(held, 0)
-        if port is None or port in taken:
-            continue
-        if pair and (port + GRPC_OFFSET in taken or _hold(held, port + GRPC_OFFSET) is None):
-            continue
-        taken.update({port, port + GRPC_OFFSET} if pair else {port})
-        return port
-    raise StackError("found no free port pair on 127.0.0.1")
-
-
-def _hold(held: contextlib.ExitStack, port: int) -> int | None:
-    """Bind a socket to 127.0.0.1:`port` and keep it until `held` closes; the bound port, None if impossible."""
-    sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-    try:
-        sock.bind((HOST, port))
-    except (OSError, OverflowError):
-        return None
-    return sock.getsockname()[1]
-
-
-def port_in_use(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:`port` (SO_REUSEADDR, so TIME_WAIT leftovers do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return True
-    return False
-
-
-def service_ports(name: str, config: Mapping[str, Any]) -> dict[str, int]:
-    """The ports one service listens on, by port name."""
-    ports = config["ports"]
-    names = [n for n in PORT_NAMES if n.split("_")[0] in WEED_COMPONENTS] if name == "seaweedfs" else [name]
-    return {n: ports[n] for n in names}
-
-
-# ---------------------------------------------------------------- commands
+_SPAWNED_AT: dict[int, float] = {}  # time.monotonic() at start of the services this process started
 
 
 def executable(name: str, package: str) -> str:
@@ -280,19 +90,10 @@ COMMANDS: dict[str, Callable[[Path, Mapping[str, Any]], tuple[list[str], dict[st
     "seaweedfs": _seaweedfs_command, "mlflow": _mlflow_command, "prefect": _prefect_command}
 
 
-# ---------------------------------------------------------------- health
-
-
 def s3_client(env: Mapping[str, str], timeout: float = 10.0) -> Any:
-    """A boto3 S3 client for the stack described by `env` (the dict `up` returns), path-style addressing."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(connect_timeout=min(timeout, 5.0), read_timeout=timeout, retries={"total_max_attempts": 2},
-                    s3={"addressing_style": "path"})
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], config=config)
+    """The S3 client (`tidlq.core.s3.client`) for the stack described by `env` (the dict `up` returns)."""
+    return s3.client(env["AWS_ENDPOINT_URL"], attempts=2, timeout=timeout,
+                     keys={k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
 
 
 def ensure_bucket(env: Mapping[str, str]) -> None:
@@ -318,8 +119,9 @@ def _http_ok(url: str) -> bool:
 def _weed_has_volume_server(config: Mapping[str, Any]) -> bool:
     """Whether weed's master knows a volume server (GET /dir/status). Until then S3 lists buckets but reads fail:
     the volume server's first heartbeat can come before the master is leader, and it retries only after 5 s."""
+    url = f"http://{HOST}:{config['ports']['master']}/dir/status"
     try:
-        with urllib.request.urlopen(f"http://{HOST}:{config['ports']['master']}/dir/status", timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - a loopback http URL we built
             topology = json.load(response).get("Topology") or {}
     except (OSError, ValueError):
         return False
@@ -341,70 +143,15 @@ def healthy(name: str, config: Mapping[str, Any]) -> bool:
     return _http_ok(url)
 
 
-# ---------------------------------------------------------------- processes
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, process group, start time in clock ticks) of `pid` from /proc, None if there is no such process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces and parentheses
-    return fields[0], int(fields[2]), int(fields[19])
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status of `pid` if this Python process started it, so it does not linger as a zombie."""
-    proc = _CHILDREN.get(pid)
-    if proc is not None:
-        if proc.poll() is not None:
-            del _CHILDREN[pid]
-        return
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _alive(pid: int, start: int | None = None) -> bool:
-    """Whether `pid` runs (not a zombie) and, if `start` is given, is the process that started at that tick."""
-    _reap(pid)
-    info = _proc_stat(pid)
-    return info is not None and info[0] not in "ZXx" and (start is None or info[2] == start)
-
-
-def group_members(pgid: int) -> list[int]:
-    """The live (non-zombie) processes of process group `pgid`."""
-    _reap(pgid)
-    members = []
-    for entry in Path("/proc").iterdir():
-        info = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
-        if info is not None and info[1] == pgid and info[0] not in "ZXx":
-            members.append(int(entry.name))
-    return members
-
-
-def _pid_files(state_dir: Path, name: str) -> tuple[Path, Path]:
-    """<state>/pids/<name>.pid and <name>.start (the process start time, against PID reuse)."""
-    return Path(state_dir) / "pids" / f"{name}.pid", Path(state_dir) / "pids" / f"{name}.start"
-
-
-def _recorded(state_dir: Path, name: str) -> tuple[int | None, int | None]:
-    """The recorded PID and start time of a service; (None, None) without a readable pid file."""
-    pid_file, start_file = _pid_files(state_dir, name)
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None, None
-    try:
-        return pid, int(start_file.read_text().strip())
-    except (OSError, ValueError):
-        return pid, None
+def pid_file(state_dir: Path | str, name: str) -> Path:
+    """<state>/pids/<name>.pid (its start time beside it, in <name>.start)."""
+    return Path(state_dir) / "pids" / f"{name}.pid"
 
 
 def service_pid(state_dir: Path | str, name: str) -> int | None:
     """The PID of a running service of the stack in `state_dir`, None if it is not running."""
-    pid, start = _recorded(Path(state_dir), name)
-    return pid if pid is not None and _alive(pid, start) else None
+    pid, started = processes.recorded(pid_file(state_dir, name))
+    return pid if pid is not None and processes.alive(pid, started) else None
 
 
 def log_tail(state_dir: Path, name: str, lines: int = 25) -> str:
@@ -416,9 +163,6 @@ def log_tail(state_dir: Path, name: str, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-# ---------------------------------------------------------------- start and stop one service
-
-
 def spawn(state_dir: Path, name: str, config: Mapping[str, Any]) -> int:
     """Start one service in its own session, output to logs/<name>.log, PID to pids/<name>.pid; its PID."""
     cmd, env = COMMANDS[name](state_dir, config)
@@ -426,18 +170,9 @@ def spawn(state_dir: Path, name: str, config: Mapping[str, Any]) -> int:
     busy = {n: p for n, p in service_ports(name, config).items() if port_in_use(p)}
     if busy:
         raise StackError(f"cannot start {name}: port(s) {busy} on {HOST} already in use by another program")
-    pid_file, start_file = _pid_files(state_dir, name)
-    with open(state_dir / "logs" / f"{name}.log", "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(cmd, env=env, cwd=state_dir, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    _CHILDREN[proc.pid] = proc
-    _SPAWNED_AT[proc.pid] = time.monotonic()
-    info = _proc_stat(proc.pid)
-    write_atomic(start_file, f"{info[2]}\n" if info else "")  # first: a pid file never lacks its start time
-    write_atomic(pid_file, f"{proc.pid}\n")
-    return proc.pid
+    pid = processes.start(cmd, env, state_dir, state_dir / "logs" / f"{name}.log", pid_file(state_dir, name))
+    _SPAWNED_AT[pid] = time.monotonic()
+    return pid
 
 
 def wait_healthy(state_dir: Path, config: Mapping[str, Any], pids: Mapping[str, int],
@@ -449,7 +184,7 @@ def wait_healthy(state_dir: Path, config: Mapping[str, Any], pids: Mapping[str, 
     waiting, seconds, t0 = dict(pids), {}, time.monotonic()
     while waiting:
         for name, pid in list(waiting.items()):
-            if not _alive(pid):
+            if not processes.alive(pid):
                 raise StackError(f"{name} exited during start-up; end of {state_dir / 'logs' / name}.log:\n"
                                  f"{log_tail(state_dir, name)}")
             if healthy(name, config):
@@ -485,44 +220,17 @@ def start_service(state_dir: Path | str, name: str, timeout: float = START_TIMEO
     return pid
 
 
-def stop_service(state_dir: Path | str, name: str, timeout: float = STOP_TIMEOUT) -> int | None:
+def stop_service(state_dir: Path | str, name: str, timeout: float = processes.STOP_TIMEOUT) -> int | None:
     """Stop one service by its recorded PID (its whole process group) and remove its pid file; data is kept.
 
     Returns the PID that was stopped, None if it was not running (a stale pid file is just removed).
     """
     state_dir = Path(state_dir).absolute()
-    pid, start = _recorded(state_dir, name)
-    if pid is None:
-        return None
-    ours = _alive(pid, start)
-    leader_gone = _proc_stat(pid) is None or not _alive(pid)
-    stopped = None
-    if ours or (leader_gone and group_members(pid)):  # leftovers of a dead leader still carry its PID as group
-        terminate_group(pid, name, timeout)
-        stopped = pid
+    stopped = processes.stop(pid_file(state_dir, name), name, timeout)
     if name == "seaweedfs":
         _remove_weed_sockets(state_dir)
-    for path in _pid_files(state_dir, name):
-        path.unlink(missing_ok=True)
-    proc, _ = _CHILDREN.pop(pid, None), _SPAWNED_AT.pop(pid, None)
-    if proc is not None:  # our child: collect its exit status now (the group is empty, so it has exited)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+    _SPAWNED_AT.pop(stopped, None)
     return stopped
-
-
-def terminate_group(pgid: int, name: str, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM to the process group, then SIGINT (some servers want a second signal), then SIGKILL, until empty."""
-    plan = ((signal.SIGTERM, timeout * 0.6), (signal.SIGINT, timeout * 0.4), (signal.SIGKILL, 5.0))
-    for sig, wait in plan:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not group_members(pgid):
-                return
-            time.sleep(0.1)
-    raise StackError(f"{name} (process group {pgid}) still runs after SIGKILL: {group_members(pgid)}")
 
 
 def _remove_weed_sockets(state_dir: Path) -> None:
@@ -535,9 +243,6 @@ def _remove_weed_sockets(state_dir: Path) -> None:
                     path.unlink()
 
 
-# ---------------------------------------------------------------- the whole stack
-
-
 def up(state_dir: Path | str, ports: Mapping[str, int] | None = None, bucket: str | None = None,
        timeout: float = START_TIMEOUT) -> dict[str, str]:
     """Start whatever part of the stack is not running, wait until healthy, write <state>/env; the environment.
@@ -545,7 +250,8 @@ def up(state_dir: Path | str, ports: Mapping[str, int] | None = None, bucket: st
     If a service fails, the services started by this call are stopped again and a StackError shows its log.
     """
     state_dir = prepare_dir(state_dir)
-    config = configure(state_dir, ports, bucket)
+    running = any(service_pid(state_dir, n) for n in SERVICES)
+    config = configure(state_dir, ports, bucket, running=running)
     env = stack_env(config)
     started: list[str] = []
     try:
@@ -568,7 +274,7 @@ def up(state_dir: Path | str, ports: Mapping[str, int] | None = None, bucket: st
     return env
 
 
-def down(state_dir: Path | str, timeout: float = STOP_TIMEOUT) -> list[int]:
+def down(state_dir: Path | str, timeout: float = processes.STOP_TIMEOUT) -> list[int]:
     """Stop the stack's processes by their recorded PIDs (reverse start order), keep all data; the PIDs stopped."""
     state_dir = Path(state_dir).absolute()
     if not (state_dir / "pids").is_dir():
@@ -597,74 +303,3 @@ def status(state_dir: Path | str) -> dict[str, dict[str, Any]]:
         result[name] = {"pid": pid, "running": pid is not None, "url": urls[name],
                         "healthy": bool(pid is not None and config and healthy(name, config))}
     return result
-
-
-# ---------------------------------------------------------------- command line
-
-stack_app = typer.Typer(help="The local stack: S3 (SeaweedFS), MLflow and Prefect servers on 127.0.0.1.",
-                        add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console()
-errors = Console(stderr=True)
-DirOption = Annotated[Path, typer.Option("--dir", help="the stack's state folder: data, logs, pids, env file")]
-PortOption = Annotated[list[str], typer.Option("--port", help=f"NAME=PORT, NAME one of {', '.join(PORT_NAMES)}")]
-BucketOption = Annotated[str | None, typer.Option("--bucket", help=f"S3 bucket (default {DEFAULT_BUCKET})")]
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """A UserError ends the command with its message on stderr and exit code 2, without a traceback."""
-    try:
-        yield
-    except UserError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
-        raise typer.Exit(2) from None
-
-
-def _parse_ports(items: list[str]) -> dict[str, int]:
-    """`--port NAME=PORT` options as a dict."""
-    ports = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if not value.isdigit() or not 0 < int(value) < 65536:
-            raise UserError(f"--port {item}: expected NAME=PORT with PORT in 1..65535")
-        ports[name] = int(value)
-    return ports
-
-
-def _print_status(state_dir: Path) -> None:
-    """A table of services, URLs, PIDs and health."""
-    table = Table(title=f"stack in {state_dir.absolute()}")
-    for col in ("service", "url", "pid", "healthy"):
-        table.add_column(col)
-    for name, info in status(state_dir).items():
-        table.add_row(name, info["url"], str(info["pid"] or "-"), "yes" if info["healthy"] else "no")
-    console.print(table)
-
-
-@stack_app.command("up")
-def up_command(state_dir: DirOption = DEFAULT_DIR, port: PortOption = [],  # noqa: B006 - typer reads the default
-               bucket: BucketOption = None) -> None:
-    """Start the stack (or what of it is not running), wait until healthy and write <dir>/env."""
-    with _user_errors():
-        up(state_dir, _parse_ports(port), bucket)
-        _print_status(state_dir)
-    console.print(f"source {state_dir.absolute() / 'env'}", highlight=False, soft_wrap=True)
-
-
-@stack_app.command("down")
-def down_command(state_dir: DirOption = DEFAULT_DIR) -> None:
-    """Stop the stack's processes by their recorded PIDs; all data is kept."""
-    with _user_errors():
-        stopped = down(state_dir)
-    console.print(f"stopped PIDs {', '.join(map(str, stopped))}" if stopped else "nothing was running")
-
-
-@stack_app.command("status")
-def status_command(state_dir: DirOption = DEFAULT_DIR) -> None:
-    """Show which services run, their URLs, PIDs and health."""
-    with _user_errors():
-        _print_status(state_dir)
-
-
-if __name__ == "__main__":
-    stack_app()

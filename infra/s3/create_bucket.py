@@ -21,9 +21,9 @@ import time
 
 
 def main() -> int:
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+    from tidlq.core import s3
 
     bucket = os.environ.get("TIDLQ_S3_BUCKET", "").strip()
     if not bucket:
@@ -31,9 +31,7 @@ def main() -> int:
         return 1
     region = os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=region,
-                          config=Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 3},
-                                        s3={"addressing_style": "path"}))
+    client = s3.client(endpoint, attempts=3, keys={"AWS_DEFAULT_REGION": region})
     where = f"s3://{bucket} at {endpoint or 'AWS S3'}"
     deadline = time.monotonic() + float(os.environ.get("TIDLQ_S3_WAIT_SECONDS", "60"))
     while True:

@@ -25,10 +25,11 @@ import pytest
 import torch
 import yaml
 
-from tasks import cache, files, pipeline
-from tasks.models import MobileNetV2Tiny, ResNetTiny
-from tasks.params import load_params
 from tests.conftest import PROJECT_ROOT
+from tidlq import runner
+from tidlq.core import cache, files
+from tidlq.core.params import load_params
+from tidlq.models.builtin import MobileNetV2Tiny, ResNetTiny
 
 pytestmark = pytest.mark.slow
 TIDLQ = str(Path(sys.executable).with_name("tidlq"))
@@ -385,7 +386,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("built") / "pipeline"
     p = load_params(None, dotted(BASE))
     for name in BUILT_STAGES:
-        pipeline.run(name, p, root)
+        runner.build_in_pipeline(name, p, root)
     return root
 
 

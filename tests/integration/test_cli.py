@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import files
 from tests.conftest import FAST, PROJECT_ROOT
+from tidlq.core import files
 
 pytestmark = pytest.mark.slow
 TIDLQ = str(Path(sys.executable).with_name("tidlq"))

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from infra.local.stack import terminate_group
+from infra.local.processes import terminate_group
 from tests.conftest import FAST, PROJECT_ROOT
 
 pytestmark = pytest.mark.slow

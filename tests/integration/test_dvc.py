@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import files
 from tests.conftest import PROJECT_ROOT
+from tidlq.core import files
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -21,9 +21,10 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.quantize import quantize
-from tasks import cache, files, storage
 from tests import servers
 from tests.conftest import FAST, PROJECT_ROOT
+from tidlq.core import cache, files, s3
+from tidlq.results import storage
 
 pytestmark = pytest.mark.slow
 MODEL = "mobilenet_v2_tiny"
@@ -142,7 +143,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """The tiny jobs' overrides: PTQ and QAT of mobilenet, PTQ of resnet; each model with seeded initial weights."""
     import torch
 
-    from tasks import models
+    from tidlq.models import networks as models
 
     folder = tmp_path_factory.mktemp("weights")
     weights = {}
@@ -256,7 +257,7 @@ def upload_outage(stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
     upload task's retry begins. Records every put_object that S3 accepted."""
     state, _ = stack
     plan: dict[str, Any] = {"back_for_retry": True, "after": 3, "keys": [], "puts": [], "down": False, "armed": True}
-    real_put, real_call = storage.put_verified, storage._call
+    real_put, real_call = storage.put_verified, s3._call
 
     def put_verified(s3: Any, path: Path, bucket: str, key: str) -> str:
         if plan["down"] and key in plan["keys"] and plan["back_for_retry"]:  # the retry starts over
@@ -302,7 +303,7 @@ def test_s3_stopped_during_upload(reference: dict, jobs: dict, stack, upload_out
     assert_complete_copy(s3, bucket, prefix, folder / MODEL)
 
     upload_outage.update(back_for_retry=False, armed=True, keys=[], puts=[])
-    with servers.env_applied(env), pytest.raises(storage.StorageUnreachable, match="cannot be reached"):
+    with servers.env_applied(env), pytest.raises(s3.StorageUnreachable, match="cannot be reached"):
         quantize(PARAMS, overrides)
     servers.start_service(stack[0], "seaweedfs")
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])

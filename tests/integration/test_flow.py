@@ -8,17 +8,28 @@ from pathlib import Path
 import onnx
 import pytest
 import yaml
+from prefect import flow
 
 from flows.quantize import quantize
-from tasks import files
-from tasks.errors import GateFailed
-from tasks.export_qdq import FORBIDDEN_OPS
 from tests.conftest import FAST, PROJECT_ROOT
+from tests.stub_stages import COMBINATIONS, combination_id, stub_run
+from tidlq import graph, runner
+from tidlq.core import files
+from tidlq.core.errors import GateFailed
+from tidlq.core.params import load_params
+from tidlq.quant.onnx_export import FORBIDDEN_OPS
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare_data", "float_model", "evaluate_float", "baseline_ort", "calibrate", "convert", "export_qdq",
-          "verify_onnx", "sensitivity", "tidl_bundle"]
-QAT_STAGES = [s if s != "calibrate" else "train_qat" for s in STAGES]
+
+
+def active(overrides: dict) -> list[str]:
+    """The stages the graph runs with these params (on top of the defaults), in order."""
+    p = load_params(None, overrides)
+    return [s.name for s in graph.STAGES if graph.off_because(s, p) is None]
+
+
+STAGES = active({})
+QAT_STAGES = active({"quant.mode": "qat"})
 
 
 def ran(summary: dict) -> list[str]:
@@ -92,7 +103,7 @@ def test_gate_failure_still_writes_the_report(prefect_api: str, tmp_path: Path) 
 def test_autopilot_keeps_the_best_recipe_and_logs_each_as_a_child_run(prefect_api: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from tasks import tracking
+    from tidlq.results import tracking
 
     overrides = FAST | {"output_dir": str(tmp_path), "quant.mode": "auto", "tracking.experiment": "it-autopilot",
                         "autopilot.observers": ["histogram", "minmax"], "sensitivity.enabled": False}
@@ -125,3 +136,19 @@ def test_autopilot_falls_back_to_qat_when_no_recipe_passes(prefect_api: str, tmp
     assert not any(r["gate_passed"] for r in rows)
     assert summary["autopilot"]["winner"] == max(rows, key=lambda r: r["sqnr_db"])["label"]
     assert "train_qat:qat-tidl" in summary["stages"]
+
+
+@pytest.mark.parametrize("switches", COMBINATIONS, ids=combination_id)
+def test_the_flow_and_dvc_compute_the_same_keys_for_every_switch(prefect_api: str, tmp_path: Path, switches: dict,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(graph, "stage_run", stub_run)
+    p = load_params(None, {**switches, "output_dir": str(tmp_path / "out")})
+
+    @flow(name="stub-stages")
+    def keys() -> dict[str, str]:
+        return {name: m.key for name, m in runner.StageRunner(p.stage_root).run([p])[0].items()}
+
+    in_flow = keys()
+    dvc = {s.name: runner.build_in_pipeline(s.name, p, tmp_path / "pipeline").key for s in graph.STAGES}
+    assert in_flow == {name: dvc[name] for name in in_flow}
+    assert set(in_flow) == {s.name for s in graph.STAGES if graph.off_because(s, p) is None}

@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from docker.utils.build import PatternMatcher
+from dockerfile_parse import DockerfileParser
+from dotenv import dotenv_values
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +44,10 @@ VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of a dotenv file (comments and blank lines skipped, one level of quotes removed)."""
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
+    """KEY=VALUE lines of a dotenv file, as python-dotenv reads them (every line must be one)."""
+    values = dotenv_values(path)
+    assert all(v is not None for v in values.values()), f"{path.name}: a line is not KEY=VALUE"
+    return {k: str(v) for k, v in values.items()}
 
 
 def interpolate(value: object, env: dict[str, str]) -> object:
@@ -100,41 +95,14 @@ def option(cmd: list[str], name: str) -> str:
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
-    out, current = [], ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not current and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue
-        current += " " + line.rstrip("\\").strip() if current else line.rstrip("\\").strip()
-        if not line.endswith("\\"):
-            word, _, rest = current.partition(" ")
-            out.append((word.upper(), rest.strip()))
-            current = ""
-    return out
+    """(INSTRUCTION, arguments) of a Dockerfile (dockerfile-parse: continuation lines joined), comments dropped."""
+    return [(i["instruction"], i["value"]) for i in DockerfileParser(str(path)).structure
+            if i["instruction"] != "COMMENT"]
 
 
 def ignored(patterns: list[str], path: str) -> bool:
-    """Whether a .dockerignore excludes `path` (the last matching pattern wins; `!` re-includes; a folder pattern
-    covers what is inside it)."""
-    from fnmatch import fnmatchcase
-
-    result = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pattern = pattern[1:] if negate else pattern
-        pattern = pattern.rstrip("/")
-        parts = path.split("/")
-        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        if pattern.startswith("**/"):
-            hit = any(fnmatchcase(p, pattern[3:]) for p in parts)
-        else:
-            hit = any(fnmatchcase(p, pattern) and p.count("/") == pattern.count("/") for p in prefixes)
-        if hit:
-            result = not negate
-    return result
+    """Whether a .dockerignore excludes `path` (the docker SDK's matcher, Docker's own rules)."""
+    return PatternMatcher(patterns).matches(path)
 
 
 def constraint(name: str) -> str:
@@ -460,7 +428,7 @@ def test_worker_dockerfile(dockerfile: list[tuple[str, str]]) -> None:
     assert runs.index(torch_runs[0]) < runs.index(project_runs[0]), "torch must be installed before the project"
     # everything the project install and the flows need is copied before / with it
     copied = " ".join(arg for instr, arg in dockerfile if instr == "COPY")
-    for item in ("pyproject.toml", "README.md", "constraints.txt", "flows/", "tasks/", "infra/", "params.yaml",
+    for item in ("pyproject.toml", "README.md", "constraints.txt", "flows/", "tidlq/", "infra/", "params.yaml",
                  "prefect.yaml"):
         assert item in copied.split(), f"{item} is not copied"
     # non-root, numeric (so Kubernetes can check runAsNonRoot), after the installs
@@ -481,7 +449,7 @@ def test_worker_dockerignore_keeps_the_context_small() -> None:
                 (WORKER_DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     for path in (".venv/bin/python", "outputs/mobilenet_v2_tiny/summary.json", ".git/HEAD", ".stack/credentials",
-                 "infra/.env", "tasks/__pycache__/params.cpython-311.pyc", "mlflow.db", ".dvc/config.local"):
+                 "infra/.env", "tidlq/__pycache__/params.cpython-311.pyc", "mlflow.db", ".dvc/config.local"):
         assert ignored(patterns, path), f"{path} would be sent to the build"
     sources = []
     for instr, arg in dockerfile_instructions(WORKER_DOCKERFILE):

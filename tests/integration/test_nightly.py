@@ -20,12 +20,12 @@ import yaml
 from mlflow import MlflowClient
 
 from flows.nightly import nightly
-from infra.local.stack import terminate_group
+from infra.local.processes import terminate_group
 from infra.results_storage import clear_default, create_block
-from tasks import files
-from tasks.errors import NightlyFailed
 from tests import servers
 from tests.conftest import FAST, PROJECT_ROOT
+from tidlq.core import files
+from tidlq.core.errors import NightlyFailed
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -23,13 +23,17 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 from flows.quantize import quantize
-from infra.local.stack import group_members, service_ports
-from tasks import inputs, models, storage, tidl_bundle
-from tasks.errors import UserError
-from tasks.params import DataParams, StorageParams, load_params
-from tasks.prepare_data import run as prepare
+from infra.local.config import service_ports
+from infra.local.processes import group_members
 from tests import servers
 from tests.conftest import FAST, PROJECT_ROOT
+from tidlq.core import inputs, s3
+from tidlq.core.errors import UserError
+from tidlq.core.params import DataParams, StorageParams, load_params
+from tidlq.models import builtin, networks
+from tidlq.results import storage
+from tidlq.stages.prepare_data import run as prepare
+from tidlq.tidl import options
 
 # ---------------------------------------------------------------- 1. no pickle is ever executed on load
 
@@ -65,7 +69,7 @@ def test_torch_zip_weights_with_code_are_refused_and_run_nothing(tmp_path: Path)
     marker = tmp_path / "pwned"
     torch.save({"weight": Payload(marker)}, tmp_path / "w.pt")
     with pytest.raises(UserError, match="tensor-only"):
-        models.load_weights(torch.nn.Linear(1, 1), tmp_path / "w.pt")
+        networks.load_weights(torch.nn.Linear(1, 1), tmp_path / "w.pt")
     assert not marker.exists()
 
 
@@ -130,11 +134,11 @@ def unsafe_calls(source: str, where: str) -> tuple[list[str], dict[str, int]]:
 
 
 def project_sources() -> Iterator[tuple[str, str]]:
-    """(where, source) of every Python file of flows/, tasks/, infra/, and the compile script tidlq ships."""
-    for folder in ("flows", "tasks", "infra"):
+    """(where, source) of every Python file of flows/, tidlq/, infra/, and the compile script tidlq ships."""
+    for folder in ("flows", "tidlq", "infra"):
         for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
             yield str(path.relative_to(PROJECT_ROOT)), path.read_text()
-    yield "tidl/compile.py (tasks/tidl_bundle.py)", tidl_bundle.COMPILE_SCRIPT
+    yield "tidl/compile.py (tidlq/tidl/options.py)", options.COMPILE_SCRIPT
 
 
 def test_static_check_catches_unsafe_calls() -> None:
@@ -338,7 +342,7 @@ def upload_inputs(env: dict[str, str], folder: Path) -> dict[str, str]:
     digits = load_digits()
     np.savez(folder / "digits.npz", x=(digits.images * 255 / 16).astype(np.uint8), y=digits.target)
     torch.manual_seed(0)
-    torch.save(models.MobileNetV2Tiny().state_dict(), folder / "weights.pt")
+    torch.save(builtin.MobileNetV2Tiny().state_dict(), folder / "weights.pt")
     bucket = env["TIDLQ_S3_BUCKET"]
     for name in ("digits.npz", "weights.pt"):
         servers.s3_client(env).upload_file(str(folder / name), bucket, f"security/inputs/{name}")
@@ -398,7 +402,7 @@ def test_no_credential_in_a_run_refused_by_s3(prefect_api: str, stack, tmp_path:
         state = quantize(None, FAST | {"output_dir": str(tmp_path), "tracking.experiment": "it-security-refused"},
                          return_state=True)
         assert state.is_failed()
-        with pytest.raises(storage.StorageError, match="access refused"):
+        with pytest.raises(s3.StorageError, match="access refused"):
             state.result()
         blobs = prefect_blobs(str(state.state_details.flow_run_id))
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])

@@ -21,9 +21,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from infra.local import stack
-from tasks.errors import UserError
+from flows.cli import stack_app
+from infra.local import config as stack_config
+from infra.local import processes, stack
 from tests import servers
+from tidlq.core.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +87,7 @@ def listening(pid: int) -> set[tuple[str, int]]:
 
 
 def test_up_starts_three_healthy_services_and_writes_env(state_dir: Path, env: dict[str, str]) -> None:
-    config = stack.read_config(state_dir)
+    config = stack_config.read_config(state_dir)
     ports = config["ports"]
     assert set(env) == ENV_KEYS
     assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{ports['prefect']}/api"
@@ -94,7 +96,7 @@ def test_up_starts_three_healthy_services_and_writes_env(state_dir: Path, env: d
     assert env["AWS_DEFAULT_REGION"] == "us-east-1"
     assert env["TIDLQ_S3_BUCKET"] == "tidlq"
     assert len(env["AWS_SECRET_ACCESS_KEY"]) == 40 and env["AWS_ACCESS_KEY_ID"].startswith("TIDLQ")
-    assert len(set(ports.values())) == len(stack.PORT_NAMES)  # every port distinct
+    assert len(set(ports.values())) == len(stack_config.PORT_NAMES)  # every port distinct
 
     lines = (state_dir / "env").read_text().splitlines()
     assert all(line.startswith("export ") for line in lines)
@@ -141,12 +143,12 @@ def test_prefect_api_is_healthy(env: dict[str, str]) -> None:
 
 
 def test_every_listening_socket_is_on_loopback_and_pinned(state_dir: Path, env: dict[str, str]) -> None:
-    config = stack.read_config(state_dir)
-    for name in stack.SERVICES:
+    config = stack_config.read_config(state_dir)
+    for name in stack_config.SERVICES:
         sockets = listening(stack.service_pid(state_dir, name))
         assert sockets, name
         assert {ip for ip, _ in sockets} == {"127.0.0.1"}, (name, sockets)
-        assert {port for _, port in sockets} == set(stack.service_ports(name, config).values()), (name, sockets)
+        assert {port for _, port in sockets} == set(stack_config.service_ports(name, config).values()), (name, sockets)
 
 
 def test_up_when_running_does_nothing(state_dir: Path, env: dict[str, str]) -> None:
@@ -160,17 +162,17 @@ def test_up_when_running_does_nothing(state_dir: Path, env: dict[str, str]) -> N
 def test_cli_status_up_and_bad_port(state_dir: Path, env: dict[str, str]) -> None:
     runner = CliRunner()
     pids = servers.pids(state_dir)
-    shown = runner.invoke(stack.stack_app, ["status", "--dir", str(state_dir)], env={"COLUMNS": "200"})
+    shown = runner.invoke(stack_app, ["status", "--dir", str(state_dir)], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     assert all(str(pid) in shown.output for pid in pids.values())
     assert env["MLFLOW_TRACKING_URI"] in shown.output
 
-    again = runner.invoke(stack.stack_app, ["up", "--dir", str(state_dir)], env={"COLUMNS": "200"})
+    again = runner.invoke(stack_app, ["up", "--dir", str(state_dir)], env={"COLUMNS": "200"})
     assert again.exit_code == 0, again.output
     assert f"source {state_dir / 'env'}" in again.output
     assert servers.pids(state_dir) == pids
 
-    moved = runner.invoke(stack.stack_app, ["up", "--dir", str(state_dir), "--port", "mlflow=1"])
+    moved = runner.invoke(stack_app, ["up", "--dir", str(state_dir), "--port", "mlflow=1"])
     assert moved.exit_code == 2
     assert "runs with other ports or bucket; run `tidlq stack down` first" in moved.output
     assert "Traceback" not in moved.output
@@ -210,7 +212,7 @@ def test_down_stops_by_pid_and_up_again_keeps_the_data(
     print(f"stack down in {time.monotonic() - t0:.1f} s")  # noqa: T201 - shown with -s
     for pid in pids.values():
         assert not psutil.pid_exists(pid)  # stopped and reaped, not a zombie
-        assert stack.group_members(pid) == []
+        assert processes.group_members(pid) == []
     assert list((state_dir / "pids").iterdir()) == []
     assert not any(service["running"] for service in stack.status(state_dir).values())
 
@@ -236,7 +238,7 @@ def test_down_stops_by_pid_and_up_again_keeps_the_data(
 
 
 def test_stale_pid_files_are_removed_without_signalling_anyone(tmp_path: Path) -> None:
-    pids = stack.prepare_dir(tmp_path) / "pids"
+    pids = stack_config.prepare_dir(tmp_path) / "pids"
     finished = subprocess.Popen(["true"])
     finished.wait()
     (pids / "mlflow.pid").write_text(f"{finished.pid}\n")
@@ -257,7 +259,7 @@ def test_bad_state_dir_is_a_one_line_error(tmp_path: Path) -> None:
         stack.up(Path("/dev/null/stack"))
     assert str(caught.value) == "stack directory /dev/null/stack is not usable: Not a directory"
 
-    result = CliRunner().invoke(stack.stack_app, ["up", "--dir", "/dev/null/stack"])
+    result = CliRunner().invoke(stack_app, ["up", "--dir", "/dev/null/stack"])
     assert result.exit_code == 2
     assert "error: stack directory /dev/null/stack is not usable" in result.output
     assert "Traceback" not in result.output
@@ -275,7 +277,7 @@ def test_a_service_that_fails_to_start_stops_the_others_and_shows_its_log(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     broken = [sys.executable, "-c", "print('boom: prefect cannot start'); raise SystemExit(3)"]
     monkeypatch.setitem(stack.COMMANDS, "prefect", lambda state_dir, config: (broken, dict(os.environ)))
-    with pytest.raises(stack.StackError) as caught:
+    with pytest.raises(stack_config.StackError) as caught:
         stack.up(tmp_path)
     message = str(caught.value)
     assert message.startswith(f"prefect exited during start-up; end of {tmp_path / 'logs' / 'prefect.log'}:")

@@ -11,9 +11,10 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.quantize import quantize
-from tasks import files, storage, tracking
 from tests import servers
 from tests.conftest import FAST
+from tidlq.core import files, s3
+from tidlq.results import storage, tracking
 
 pytestmark = pytest.mark.slow
 MODEL = "mobilenet_v2_tiny"
@@ -74,7 +75,7 @@ def test_s3_problems_fail_before_any_work(prefect_api: str, stack, tmp_path: Pat
                                           message: str) -> None:
     _, env = stack
     broken = env | {k: v.format(port=closed_port()) for k, v in change.items()}
-    with servers.env_applied(broken), pytest.raises(storage.StorageError, match=message) as err:
+    with servers.env_applied(broken), pytest.raises(s3.StorageError, match=message) as err:
         quantize(None, FAST | {"output_dir": str(tmp_path), "tracking.experiment": "it-s3-faults"})
     assert broken["AWS_ENDPOINT_URL"] in str(err.value)
     assert not (tmp_path / ".stages").exists()
@@ -94,7 +95,7 @@ def test_s3_lost_mid_run_keeps_local_outputs(prefect_api: str, stack, tmp_path: 
 
     monkeypatch.setattr(storage, "preflight", preflight_then_s3_dies)
     try:
-        with servers.env_applied(env), pytest.raises(storage.StorageUnreachable, match="cannot be reached"):
+        with servers.env_applied(env), pytest.raises(s3.StorageUnreachable, match="cannot be reached"):
             quantize(None, FAST | {"output_dir": str(tmp_path), "tracking.experiment": "it-s3-lost"})
     finally:
         servers.start_service(state, "seaweedfs")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tasks import autopilot
-from tasks.params import AutopilotParams, QuantParams
+from tidlq import autopilot
+from tidlq.core.params import AutopilotParams, QuantParams
 
 
 def result(sqnr: float, passed: bool, accuracy: float = 98.0) -> dict:

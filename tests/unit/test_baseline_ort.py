@@ -9,19 +9,24 @@ import numpy as np
 import onnx
 import pytest
 
-from tasks import baseline_ort, files, metrics, training
-from tasks.params import QuantParams
-from tasks.prepare_data import load_split
 from tests.unit.conftest import stage
+from tidlq.core import files
+from tidlq.core.params import QuantParams
+from tidlq.data.dataset import load_split
+from tidlq.eval import metrics
+from tidlq.models import training
+from tidlq.stages import baseline_ort
 
 # Three quantized variants of a ~95-99 % model on ~360 val images: each may lose a few images, not more.
 MAX_DROP = 3.0
 MIN_SQNR_DB = 15.0
+QUANT = QuantParams()
 
 
 @pytest.fixture(scope="module")
 def baseline(base: dict[str, Path]) -> Path:
-    return stage(base["tmp"], "baseline", baseline_ort.run, QuantParams(), base["float"], base["data"])
+    return stage(base["tmp"], "baseline", baseline_ort.run, QUANT.batch_size, QUANT.calibration_batches, base["float"],
+                 base["data"])
 
 
 def float_accuracy(base: dict[str, Path]) -> float:
@@ -69,9 +74,10 @@ def test_calibration_uses_our_ptq_images(base: dict[str, Path], baseline: Path) 
     quant = QuantParams()
     expected = min(len(x_calib), quant.calibration_batches * quant.batch_size)
     assert files.read_json(baseline / "baseline.json")["calibration_images"] == expected
-    np.testing.assert_array_equal(baseline_ort.calibration_images(quant, base["data"]), x_calib[:expected])
-    everything = QuantParams(calibration_batches=4, batch_size=100)  # more than the split holds: all of it
-    np.testing.assert_array_equal(baseline_ort.calibration_images(everything, base["data"]), x_calib)
+    images = baseline_ort.calibration_images(quant.batch_size, quant.calibration_batches, base["data"])
+    np.testing.assert_array_equal(images, x_calib[:expected])
+    # 4 batches of 100: more than the split holds, so all of it
+    np.testing.assert_array_equal(baseline_ort.calibration_images(100, 4, base["data"]), x_calib)
 
 
 def test_reader_feeds_one_image_at_a_time() -> None:
@@ -109,7 +115,7 @@ def test_written_model_is_tidl_typed_qdq(baseline: Path) -> None:
 def test_same_inputs_give_the_same_files(base: dict[str, Path], baseline: Path) -> None:
     again = base["tmp"] / "baseline_again"
     again.mkdir()
-    baseline_ort.run(QuantParams(), base["float"], base["data"], again)
+    baseline_ort.run(QUANT.batch_size, QUANT.calibration_batches, base["float"], base["data"], again)
     for name in ("model_ort_qdq.onnx", "baseline.json"):
         assert files.sha256_file(again / name) == files.sha256_file(baseline / name)
 

@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 from filelock import FileLock, Timeout
 
-from tasks import cache, files
-from tasks.params import QatParams, QuantParams
+from tidlq.core import cache, files
+from tidlq.core.params import QatParams, QuantParams
+
+
+def build(root: Path, stage: str, args: list, work) -> cache.Manifest:
+    """Run `work` into the content-addressed folder of `stage` (run by tidlq.stages.calibrate) for `args`."""
+    key = cache.stage_key(stage, "tidlq.stages.calibrate", args)
+    return cache.write_stage(cache.stage_dir(root, stage, key), stage, key, work)
 
 
 def manifest(tmp_path: Path, content: bytes, name: str = "up") -> cache.Manifest:
@@ -23,45 +29,47 @@ def manifest(tmp_path: Path, content: bytes, name: str = "up") -> cache.Manifest
         (out / "a.bin").write_bytes(content)
         return {"size": len(content)}
 
-    return cache.build(tmp_path, name, "tasks.calibrate", [content.hex()], work)
+    return build(tmp_path, name, [content.hex()], work)
 
 
 def test_key_depends_on_params_inputs_and_stage(tmp_path: Path) -> None:
     up = manifest(tmp_path, b"one")
-    key = cache.stage_key("calibrate", "tasks.calibrate", [QuantParams(), up])
-    assert key == cache.stage_key("calibrate", "tasks.calibrate", [QuantParams(), up])
-    assert key != cache.stage_key("calibrate", "tasks.calibrate", [QuantParams(calibration_batches=3), up])
-    assert key != cache.stage_key("convert", "tasks.calibrate", [QuantParams(), up])
+    key = cache.stage_key("calibrate", "tidlq.stages.calibrate", [QuantParams(), up])
+    assert key == cache.stage_key("calibrate", "tidlq.stages.calibrate", [QuantParams(), up])
+    assert key != cache.stage_key("calibrate", "tidlq.stages.calibrate", [QuantParams(calibration_batches=3), up])
+    assert key != cache.stage_key("convert", "tidlq.stages.calibrate", [QuantParams(), up])
     other = manifest(tmp_path, b"two")
-    assert key != cache.stage_key("calibrate", "tasks.calibrate", [QuantParams(), other])
+    assert key != cache.stage_key("calibrate", "tidlq.stages.calibrate", [QuantParams(), other])
 
 
 def test_key_ignores_where_an_input_lives(tmp_path: Path) -> None:
     a = manifest(tmp_path / "a", b"same")
     b = manifest(tmp_path / "b", b"same")
     assert a.dir != b.dir
-    assert cache.stage_key("convert", "tasks.convert", [a]) == cache.stage_key("convert", "tasks.convert", [b])
+    convert = "tidlq.stages.convert"
+    assert cache.stage_key("convert", convert, [a]) == cache.stage_key("convert", convert, [b])
 
 
 def test_code_digest_follows_project_imports() -> None:
-    closure = cache._project_closure("tasks.train_qat")
-    assert {"tasks.train_qat", "tasks.training", "tasks.qconfig", "tasks.models", "tasks.params",
-            "tasks.prepare_data", "tasks.cache", "tasks.files"} <= closure
-    assert "tasks.tidl_bundle" not in closure
-    assert cache.code_digest("tasks.train_qat") != cache.code_digest("tasks.calibrate")
+    closure = cache._project_closure("tidlq.stages.train_qat")
+    assert {"tidlq.stages.train_qat", "tidlq.models.training", "tidlq.quant.fx", "tidlq.quant.recipes",
+            "tidlq.models.networks", "tidlq.data.dataset", "tidlq.core.files"} <= closure
+    assert "tidlq.stages.tidl_bundle" not in closure
+    assert "tidlq.core.params" not in closure  # imported for type checkers only; its values are in the key
+    assert cache.code_digest("tidlq.stages.train_qat") != cache.code_digest("tidlq.stages.calibrate")
 
 
 def test_code_change_changes_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = cache.stage_key("train_qat", "tasks.train_qat", [QatParams()])
-    unrelated = cache.stage_key("tidl_bundle", "tasks.tidl_bundle", [])
+    before = cache.stage_key("train_qat", "tidlq.stages.train_qat", [QatParams()])
+    unrelated = cache.stage_key("tidl_bundle", "tidlq.stages.tidl_bundle", [])
     edited = tmp_path / "training.py"
-    edited.write_text(cache._source_path("tasks.training").read_text() + "\n# an edit\n")
+    edited.write_text(cache._source_path("tidlq.models.training").read_text() + "\n# an edit\n")
     real = cache._source_path
-    monkeypatch.setattr(cache, "_source_path", lambda m: edited if m == "tasks.training" else real(m))
+    monkeypatch.setattr(cache, "_source_path", lambda m: edited if m == "tidlq.models.training" else real(m))
     cache.code_digest.cache_clear()
     try:
-        assert cache.stage_key("train_qat", "tasks.train_qat", [QatParams()]) != before
-        assert cache.stage_key("tidl_bundle", "tasks.tidl_bundle", []) == unrelated
+        assert cache.stage_key("train_qat", "tidlq.stages.train_qat", [QatParams()]) != before
+        assert cache.stage_key("tidl_bundle", "tidlq.stages.tidl_bundle", []) == unrelated
     finally:
         cache.code_digest.cache_clear()
 
@@ -83,7 +91,7 @@ def test_a_failing_stage_leaves_nothing_behind(tmp_path: Path) -> None:
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        cache.build(tmp_path, "broken", "tasks.calibrate", [], work)
+        build(tmp_path, "broken", [], work)
     assert [p for p in (tmp_path / "broken").iterdir() if p.suffix != ".lock"] == []
 
 
@@ -98,7 +106,7 @@ def test_the_same_key_is_built_once_when_two_build_it_at_once(tmp_path: Path) ->
         return {"n": 1}
 
     def builder() -> None:
-        results.append(cache.build(tmp_path, "same", "tasks.calibrate", [], work))
+        results.append(build(tmp_path, "same", [], work))
 
     threads = [threading.Thread(target=builder) for _ in range(2)]
     for t in threads:
@@ -140,10 +148,10 @@ def test_different_keys_do_not_wait_on_each_other(tmp_path: Path) -> None:
         assert release.wait(10)
         return {}
 
-    thread = threading.Thread(target=cache.build, args=(tmp_path, "k", "tasks.calibrate", ["one"], slow))
+    thread = threading.Thread(target=build, args=(tmp_path, "k", ["one"], slow))
     thread.start()
     assert inside.wait(10)
-    other = cache.build(tmp_path, "k", "tasks.calibrate", ["two"], lambda out: {"other": True})  # no wait
+    other = build(tmp_path, "k", ["two"], lambda out: {"other": True})  # no wait
     release.set()
     thread.join()
     assert other.info == {"other": True}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import metrics
+from tidlq.eval import metrics
 
 
 def test_sqnr_of_known_noise() -> None:

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import files, models
-from tasks.errors import UserError
-from tasks.float_model import run
-from tasks.params import DataParams, FloatTrainParams, ModelParams
-from tasks.prepare_data import run as prepare
+from tidlq.core import files
+from tidlq.core.errors import UserError
+from tidlq.core.params import DataParams, FloatTrainParams, ModelParams
+from tidlq.models import builtin, networks
+from tidlq.stages.float_model import run
+from tidlq.stages.prepare_data import run as prepare
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +25,18 @@ def digits16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("name", ["mobilenet_v2_tiny", "resnet_tiny"])
 def test_builtins_shapes_and_size(name: str) -> None:
-    net = models.BUILTINS[name](num_classes=7, in_channels=3).eval()
+    net = builtin.BUILTINS[name](num_classes=7, in_channels=3).eval()
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
     assert 5_000 < sum(p.numel() for p in net.parameters()) < 100_000
-    models.check_model(net, [1, 3, 32, 32], 7, name)
+    networks.check_model(net, [1, 3, 32, 32], 7, name)
 
 
 def test_mobilenet_has_depthwise_relu6_and_residuals() -> None:
-    net = models.MobileNetV2Tiny()
+    net = builtin.MobileNetV2Tiny()
     kinds = [type(m).__name__ for m in net.modules()]
     assert "ReLU6" in kinds
     assert any(isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1 for m in net.modules())
-    assert sum(isinstance(m, models.InvertedResidual) and m.use_residual for m in net.modules()) >= 2
+    assert sum(isinstance(m, builtin.InvertedResidual) and m.use_residual for m in net.modules()) >= 2
 
 
 def test_training_learns_digits(tmp_path: Path, digits16: Path) -> None:
@@ -44,7 +45,7 @@ def test_training_learns_digits(tmp_path: Path, digits16: Path) -> None:
     assert facts["trained"] and spec["trained"]
     assert spec["val_accuracy"] > 85.0
     assert spec["history"][-1]["loss"] < spec["history"][0]["loss"]
-    reloaded = models.load(tmp_path)
+    reloaded = networks.load(tmp_path)
     x = torch.from_numpy(np.load(digits16 / "dataset.npz")["x_val"][:4])
     assert reloaded(x).shape == (4, 10)
 
@@ -108,7 +109,7 @@ def test_bad_weights(tmp_path: Path, make, message: str) -> None:
     path = tmp_path / "w.pt"
     make(path)
     with pytest.raises(UserError) as err:
-        models.load_weights(Tiny(), path)
+        networks.load_weights(Tiny(), path)
     assert message in str(err.value)
     assert "model.weights" in str(err.value)
 
@@ -122,5 +123,5 @@ def test_weights_file_with_code_is_refused_not_executed(tmp_path: Path) -> None:
 
     (tmp_path / "w.pt").write_bytes(pickle.dumps({"weight": Boom()}))
     with pytest.raises(UserError, match="tensor-only"):
-        models.load_weights(torch.nn.Linear(1, 1), tmp_path / "w.pt")
+        networks.load_weights(torch.nn.Linear(1, 1), tmp_path / "w.pt")
     assert not (tmp_path / "pwned").exists()

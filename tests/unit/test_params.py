@@ -11,9 +11,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks import files
-from tasks.errors import UserError
-from tasks.params import Params, flatten, load_params, parse_overrides
+from tidlq.core import files
+from tidlq.core.errors import UserError
+from tidlq.core.params import Params, flatten, load_params, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import files
-from tasks.errors import UserError
-from tasks.params import DataParams
-from tasks.prepare_data import load_split, run
+from tidlq.core import files
+from tidlq.core.errors import UserError
+from tidlq.core.params import DataParams
+from tidlq.data.dataset import load_split
+from tidlq.stages.prepare_data import run
 
 
 def build(tmp_path: Path, name: str = "out", **data) -> tuple[dict, Path]:

@@ -11,21 +11,18 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from tasks import (
-    convert,
-    export_qdq,
-    files,
-    metrics,
-    qconfig,
-    verify_onnx,
-)
-from tasks.params import (
+from tests.unit.conftest import quantize
+from tidlq.core import files
+from tidlq.core.params import (
     QatParams,
     QuantParams,
     VerifyParams,
 )
-from tasks.prepare_data import load_split
-from tests.unit.conftest import quantize
+from tidlq.data.dataset import load_split
+from tidlq.eval import metrics
+from tidlq.models.builtin import MobileNetV2Tiny
+from tidlq.quant import fx, onnx_export
+from tidlq.stages import verify_onnx
 
 
 def test_fx_graph_mode_quantization_still_ships() -> None:
@@ -49,14 +46,14 @@ def qdq_nodes(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
 
 
 def test_tidl_preset_qdq_structure(base: dict[str, Path]) -> None:
-    out = quantize(base, "tidl", QuantParams(qconfig="tidl"))
+    out = quantize(base, QuantParams(qconfig="tidl"))
     model, inits = qdq_nodes(out["qdq"] / "model_qdq.onnx")
-    ops = export_qdq.op_counts(model)
+    ops = onnx_export.op_counts(model)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in torch.nn.Module.modules(
-        __import__("tasks.models").models.MobileNetV2Tiny()))
+        MobileNetV2Tiny()))
     assert ops["Conv"] == convs  # BN folded into every conv, none lost
     assert ops["Gemm"] == 1
-    assert not set(ops) & set(export_qdq.FORBIDDEN_OPS)
+    assert not set(ops) & set(onnx_export.FORBIDDEN_OPS)
     weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                and inits[n.input[0]].dtype == np.int8]
     assert len(weights) == convs + 1
@@ -79,7 +76,7 @@ def test_tidl_preset_qdq_structure(base: dict[str, Path]) -> None:
 
 
 def test_qnnpack_preset_is_per_tensor(base: dict[str, Path]) -> None:
-    out = quantize(base, "qnnpack", QuantParams(qconfig="qnnpack"))
+    out = quantize(base, QuantParams(qconfig="qnnpack"))
     model, inits = qdq_nodes(out["qdq"] / "model_qdq.onnx")
     weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                and inits[n.input[0]].dtype == np.int8]
@@ -93,7 +90,7 @@ def test_qnnpack_preset_is_per_tensor(base: dict[str, Path]) -> None:
 
 
 def test_onnxruntime_matches_torch_int8(base: dict[str, Path]) -> None:
-    out = quantize(base, "x86", QuantParams(qconfig="x86"))
+    out = quantize(base, QuantParams(qconfig="x86"))
     x_val, _ = load_split(base["data"], "val")
     ort_logits = metrics.onnx_logits(out["qdq"] / "model_qdq.onnx", x_val)
     torch_logits = np.load(out["int8"] / "int8_val_logits.npy")
@@ -102,12 +99,12 @@ def test_onnxruntime_matches_torch_int8(base: dict[str, Path]) -> None:
 
 
 def test_prepared_state_survives_the_round_trip(base: dict[str, Path]) -> None:
-    out = quantize(base, "roundtrip", QuantParams(qconfig="tidl", calibration_batches=2))
+    out = quantize(base, QuantParams(qconfig="tidl", calibration_batches=2))
     x_val, _ = load_split(base["data"], "val")
-    with qconfig.quantized_engine("x86"):
-        rebuilt = convert.load_int8(base["model"], out["prepared"], out["int8"])
+    with fx.quantized_engine("x86"):
+        rebuilt = fx.load_int8(base["model"], out["prepared"], out["int8"])
         logits = metrics.onnx_logits(out["qdq"] / "model_qdq.onnx", x_val[:50])
-        again = qconfig.convert(qconfig.load_prepared(base["model"], out["prepared"]))
+        again = fx.convert(fx.load_prepared(base["model"], out["prepared"]))
         with torch.no_grad():
             a = rebuilt(torch.from_numpy(x_val[:50])).numpy()
             b = again(torch.from_numpy(x_val[:50])).numpy()
@@ -119,7 +116,7 @@ def test_prepared_state_survives_the_round_trip(base: dict[str, Path]) -> None:
 
 
 def test_qat_trains_and_converts(base: dict[str, Path]) -> None:
-    out = quantize(base, "qat", QuantParams(qconfig="tidl", mode="qat"), QatParams(epochs=2))
+    out = quantize(base, QuantParams(qconfig="tidl", mode="qat"), QatParams(epochs=2))
     info = files.read_json(out["prepared"] / "prepared.json")
     assert info["mode"] == "qat" and len(info["history"]) == 2
     assert info["freeze_bn_epoch"] == 1 and info["freeze_observer_epoch"] == 2

@@ -11,9 +11,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from tasks import calibrate, files, qconfig, tidl_compat
-from tasks.params import QatParams, QuantParams
 from tests.unit.conftest import quantize
+from tidlq.core import files
+from tidlq.core.params import QatParams, QuantParams
+from tidlq.quant import bias_correction, fx, observers, recipes
+from tidlq.tidl import lint
 
 
 def scales_and_zeros(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, bool]]:
@@ -33,7 +35,7 @@ def scales_and_zeros(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, bool
 @pytest.mark.parametrize(("mode", "device"), [("ptq", "tda4vm"), ("qat", "tda4vm"), ("ptq", "am68pa")])
 def test_mmav1_preset_is_power_of_two_and_symmetric(base: dict[str, Path], mode: str, device: str) -> None:
     qat = QatParams(epochs=1) if mode == "qat" else None
-    out = quantize(base, f"p2-{mode}-{device}", QuantParams(qconfig="tidl", mode=mode), qat, device=device)
+    out = quantize(base, QuantParams(qconfig="tidl", mode=mode), qat, device=device)
     found = scales_and_zeros(out["qdq"] / "model_qdq.onnx")
     assert len(found) > 50
     for name, scale, zero, weight in found:
@@ -48,12 +50,12 @@ def test_mmav1_preset_is_power_of_two_and_symmetric(base: dict[str, Path], mode:
     report = files.read_json(out["verify"] / "verify.json")
     assert report["accuracy_drop"] <= 1.5
     model = onnx.load(out["qdq"] / "model_qdq.onnx")
-    assert tidl_compat.summarize(tidl_compat.check(model, device))["reject"] == 0
+    assert lint.summarize(lint.check(model, device))["reject"] == 0
 
 
 @pytest.mark.parametrize("device", ["am62a", "am67a", "am68a", "am69a"])
 def test_mmav2_preset_is_asymmetric_per_channel(base: dict[str, Path], device: str) -> None:
-    out = quantize(base, f"mmav2-{device}", QuantParams(qconfig="tidl"), device=device)
+    out = quantize(base, QuantParams(qconfig="tidl"), device=device)
     found = scales_and_zeros(out["qdq"] / "model_qdq.onnx")
     weights = [(s, z) for _, s, z, w in found if w]
     assert all(s.size > 1 and np.all(z == 0) and z.dtype == np.int8 for s, z in weights)
@@ -67,7 +69,7 @@ def test_mmav2_preset_is_asymmetric_per_channel(base: dict[str, Path], device: s
 
 @pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile"])
 def test_each_observer_calibrates_a_working_model(base: dict[str, Path], observer: str) -> None:
-    out = quantize(base, f"obs-{observer}", QuantParams(observer=observer, calibration_batches=4))
+    out = quantize(base, QuantParams(observer=observer, calibration_batches=4))
     info = files.read_json(out["prepared"] / "prepared.json")
     assert info["recipe"]["observer"] == observer
     report = files.read_json(out["verify"] / "verify.json")
@@ -79,7 +81,7 @@ def test_percentile_observer_clips_outliers() -> None:
     x = torch.cat([torch.linspace(-1, 1, 100_000), torch.tensor([50.0])])
     plain = torch.ao.quantization.HistogramObserver(reduce_range=False)
     minmax = torch.ao.quantization.MinMaxObserver()
-    clipped = qconfig.PercentileObserver(percentile=99.9)
+    clipped = observers.PercentileObserver(percentile=99.9)
     for observer in (plain, minmax, clipped):
         observer(x)
     clip_scale = float(clipped.calculate_qparams()[0])
@@ -88,25 +90,25 @@ def test_percentile_observer_clips_outliers() -> None:
 
 
 def test_power_of_two_rounds_scales_up() -> None:
-    observer = qconfig.PowerOf2MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    observer = observers.PowerOf2MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
     observer(torch.tensor([0.0, 3.0]))
     scale, zero = observer.calculate_qparams()
     assert float(scale) == 2.0 ** -6 and int(zero) == 0  # 3/255 = 0.0118 -> 1/64
     observer(torch.tensor([-5.0]))
     scale, zero = observer.calculate_qparams()
     assert float(scale) == 2.0 ** -4 and int(zero) == 128  # 5/127.5 = 0.039 -> 1/16, now signed
-    weights = qconfig.PowerOf2PerChannelMinMaxObserver(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    weights = observers.PowerOf2PerChannelMinMaxObserver(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
     weights(torch.tensor([[0.5, -1.0], [0.1, 0.05]]))
     scale, zero = weights.calculate_qparams()
     assert scale.tolist() == [2.0 ** -6, 2.0 ** -10] and zero.tolist() == [0, 0]
 
 
 def test_bias_correction_shrinks_the_mean_output_error(base: dict[str, Path]) -> None:
-    plain = quantize(base, "bc-off", QuantParams(calibration_batches=4))
-    corrected = quantize(base, "bc-on", QuantParams(calibration_batches=4, bias_correction=True))
+    plain = quantize(base, QuantParams(calibration_batches=4))
+    corrected = quantize(base, QuantParams(calibration_batches=4, bias_correction=True))
     shifts = files.read_json(corrected["prepared"] / "prepared.json")["bias_correction"]
     assert len(shifts) >= 5 and all(v > 0 for v in shifts.values())
-    with qconfig.quantized_engine(qconfig.measuring_engine()):
+    with fx.quantized_engine(recipes.measuring_engine()):
         errors = _mean_abs_channel_errors(base, plain["prepared"], corrected["prepared"], list(shifts))
     assert errors["corrected"] < errors["plain"] * 0.5  # measured on val images, not the calibration ones
     a, b = (files.read_json(o["verify"] / "verify.json") for o in (plain, corrected))
@@ -116,14 +118,15 @@ def test_bias_correction_shrinks_the_mean_output_error(base: dict[str, Path]) ->
 def _mean_abs_channel_errors(base: dict[str, Path], plain: Path, corrected: Path, names: list[str]) -> dict:
     """Mean |float - int8| per channel of the corrected layers on val images, for both models; the float reference
     is the uncorrected float model."""
-    from tasks.prepare_data import load_split
+    from tidlq.data.dataset import load_split
 
     batches = [load_split(base["data"], "val")[0][:128]]
-    reference = qconfig.load_prepared(base["model"], plain)
-    float_means = calibrate._channel_means(reference, names, batches, calibrate._output_ranges(reference, names))
+    reference = fx.load_prepared(base["model"], plain)
+    ranges = bias_correction._output_ranges(reference, names)
+    float_means = bias_correction._channel_means(reference, names, batches, ranges)
     errors = {}
     for tag, folder in (("plain", plain), ("corrected", corrected)):
-        int8_means = calibrate._channel_means(qconfig.convert(qconfig.load_prepared(base["model"], folder)), names,
+        int8_means = bias_correction._channel_means(fx.convert(fx.load_prepared(base["model"], folder)), names,
                                               batches)
         errors[tag] = float(np.mean([float((float_means[n] - int8_means[n]).abs().mean()) for n in names]))
     return errors

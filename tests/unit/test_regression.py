@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.regression import verdict
+from tidlq.results.regression import verdict
 
 CHAMPION = {"version": "3", "accuracy": 98.0, "sqnr_db": 34.0}
 

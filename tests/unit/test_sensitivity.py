@@ -13,20 +13,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from tasks import (
-    calibrate,
-    convert,
-    export_qdq,
-    files,
-    float_model,
-    metrics,
-    models,
-    qconfig,
-    sensitivity,
-    train_qat,
-    training,
-)
-from tasks.params import (
+from tidlq.core import files
+from tidlq.core.params import (
     DataParams,
     ExportParams,
     FloatTrainParams,
@@ -35,8 +23,12 @@ from tasks.params import (
     QuantParams,
     SensitivityParams,
 )
-from tasks.prepare_data import load_split
-from tasks.prepare_data import run as prepare
+from tidlq.data.dataset import load_split
+from tidlq.eval import metrics, qdq_layers
+from tidlq.models import builtin, networks, training
+from tidlq.quant import fx
+from tidlq.stages import calibrate, convert, export_qdq, float_model, sensitivity, train_qat
+from tidlq.stages.prepare_data import run as prepare
 
 DEVICE = "am68a"
 FRAGILE = "features.3.block.0.0"  # a 1x1 expand conv in the middle of mobilenet_v2_tiny, followed by ReLU6
@@ -56,7 +48,7 @@ class ShortcutNet(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = models.BasicBlock(8, 16, 2)
+        self.block = builtin.BasicBlock(8, 16, 2)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,25 +103,25 @@ def fragile(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return quantize(tmp, model, data, preset) | {"layer": layer, "onnx_output": onnx_output}
 
 
-def layers_of(case: dict) -> list[sensitivity.Layer]:
+def layers_of(case: dict) -> list[qdq_layers.Layer]:
     info = files.read_json(case["prepared"] / "prepared.json")
-    with qconfig.quantized_engine(info["engine"]):
-        prepared = qconfig.load_prepared(case["model"], case["prepared"])
-        found, _ = sensitivity.find_layers(onnx.load(case["qdq"] / "model_qdq.onnx"), prepared,
-                                           qconfig.convert(prepared))
+    with fx.quantized_engine(info["engine"]):
+        prepared = fx.load_prepared(case["model"], case["prepared"])
+        found, _ = qdq_layers.find_layers(onnx.load(case["qdq"] / "model_qdq.onnx"), prepared,
+                                           fx.convert(prepared))
     return found
 
 
 def test_every_conv_and_gemm_is_one_layer(healthy: dict) -> None:
     model = onnx.load(healthy["qdq"] / "model_qdq.onnx")
     weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
-    modules = [m for m in models.MobileNetV2Tiny().modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    modules = [m for m in builtin.MobileNetV2Tiny().modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     rows = healthy["report"]["layers"]
     assert len(rows) == len(modules) == len(weighted) == 17
     assert sorted(r["onnx_node"] for r in rows) == sorted(n.name for n in weighted)
     assert len({r["onnx_output"] for r in rows}) == len(rows)
     assert healthy["report"]["onnx_order_agrees"] is True
-    graph = sensitivity._Graph(model)
+    graph = qdq_layers._Graph(model)
     for row in rows:  # the Conv's own output, or that of the ReLU6 (Clip) it feeds through its Q/DQ
         node = next(n for n in weighted if n.name == row["onnx_node"])
         if row["onnx_output"] != node.output[0]:
@@ -143,7 +135,7 @@ def test_every_conv_and_gemm_is_one_layer(healthy: dict) -> None:
 def assert_float_weights_round_to_the_exported_ones(case: dict, clipped: bool = False) -> None:
     """Each float weight is within half a step of its exported int8 value (or, with `clipped`, beyond the int8 end)."""
     model = onnx.load(case["qdq"] / "model_qdq.onnx")
-    graph = sensitivity._Graph(model)
+    graph = qdq_layers._Graph(model)
     nodes = {n.name: n for n in model.graph.node}
     for layer in layers_of(case):
         dq = graph.producer[nodes[layer.node].input[1]]
@@ -177,17 +169,17 @@ def test_float_layer_variant_removes_its_rounding(healthy: dict, data: Path) -> 
     model = onnx.load(healthy["qdq"] / "model_qdq.onnx")
     layer = next(x for x in layers_of(healthy) if x.name == FRAGILE)
     assert len(layer.qdq_pairs) == 2  # Conv -> Q/DQ -> Clip -> Q/DQ
-    edited = sensitivity.with_float_layer(model, layer)
+    edited = qdq_layers.with_float_layer(model, layer)
     quantizers = [sum(n.op_type == "QuantizeLinear" for n in m.graph.node) for m in (model, edited)]
     assert quantizers[1] == quantizers[0] - 2
-    graph = sensitivity._Graph(edited)
+    graph = qdq_layers._Graph(edited)
     node = next(n for n in edited.graph.node if n.name == layer.node)
     assert np.array_equal(numpy_helper.to_array(graph.inits[node.input[1]]), layer.weight)
     assert np.array_equal(numpy_helper.to_array(graph.inits[node.input[2]]), layer.bias)
     assert graph.qdq_after(node.output[0]) is None and graph.qdq_after(layer.onnx_output) is None
     x, _ = load_split(data, "val")
     before = metrics.onnx_logits(healthy["qdq"] / "model_qdq.onnx", x[:50])
-    after = sensitivity.onnx_logits(edited, x[:50])
+    after = qdq_layers.onnx_logits(edited, x[:50])
     assert 20.0 < metrics.sqnr_db(before, after) < 80.0  # a real, small change
     assert len(model.graph.node) == len(onnx.load(healthy["qdq"] / "model_qdq.onnx").graph.node)  # input untouched
 
@@ -216,7 +208,7 @@ def test_healthy_model_has_no_fragile_layer(healthy: dict) -> None:
 def test_quantized_numbers_are_the_qdq_model_in_onnxruntime(healthy: dict, data: Path) -> None:
     x, y = load_split(data, "val")
     logits = metrics.onnx_logits(healthy["qdq"] / "model_qdq.onnx", x[:200])
-    float_logits = training.predict(models.load(healthy["model"]), x[:200])
+    float_logits = training.predict(networks.load(healthy["model"]), x[:200])
     report = healthy["report"]
     assert report["quantized"]["accuracy"] == pytest.approx(training.accuracy(logits, y[:200]), abs=1e-3)
     assert report["quantized"]["sqnr_db"] == pytest.approx(metrics.sqnr_db(float_logits, logits), abs=1e-3)
@@ -253,8 +245,8 @@ def test_same_inputs_give_the_same_outputs(healthy: dict, data: Path, tmp_path: 
 
 def test_float_graph_is_the_float_model(healthy: dict, data: Path) -> None:
     x, _ = load_split(data, "val")
-    float_logits = training.predict(models.load(healthy["model"]), x[:50])
+    float_logits = training.predict(networks.load(healthy["model"]), x[:50])
     model = onnx.load(healthy["qdq"] / "model_qdq.onnx")
-    rebuilt = sensitivity.onnx_logits(sensitivity.float_graph(model, layers_of(healthy)), x[:50])
+    rebuilt = qdq_layers.onnx_logits(qdq_layers.float_graph(model, layers_of(healthy)), x[:50])
     assert metrics.sqnr_db(float_logits, rebuilt) > 100.0  # every weight, bias and rounding accounted for
     assert metrics.sqnr_db(float_logits, metrics.onnx_logits(healthy["qdq"] / "model_qdq.onnx", x[:50])) < 45.0

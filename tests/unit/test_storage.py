@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from moto import mock_aws
 
-from tasks import files, inputs, storage
-from tasks.errors import UserError
-from tasks.params import StorageParams
+from tidlq.core import files, inputs
+from tidlq.core import s3 as s3lib
+from tidlq.core.errors import UserError
+from tidlq.core.params import StorageParams
+from tidlq.results import storage
 
 
 @pytest.fixture
@@ -20,7 +22,7 @@ def s3(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws():
-        client = storage.client()
+        client = s3lib.client()
         client.create_bucket(Bucket="bucket")
         yield client
 
@@ -60,17 +62,17 @@ def test_reupload_sends_only_what_changed(s3, tmp_path: Path, monkeypatch: pytes
 def test_upload_refuses_an_object_that_does_not_match(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     local = tree(tmp_path / "out")
     monkeypatch.setattr(storage, "remote_sha256", lambda *a: "0" * 64)
-    with pytest.raises(storage.StorageError, match="does not match the local file after upload"):
+    with pytest.raises(s3lib.StorageError, match="does not match the local file after upload"):
         storage.upload_tree(s3, local, "bucket", "p")
 
 
 def test_missing_bucket_names_endpoint_and_bucket(s3) -> None:
-    with pytest.raises(storage.StorageError, match=r"bucket 'nope': the bucket does not exist"):
-        storage.check_bucket(s3, "nope")
+    with pytest.raises(s3lib.StorageError, match=r"bucket 'nope': the bucket does not exist"):
+        s3lib.check_bucket(s3, "nope")
 
 
 def test_unreachable_endpoint_is_a_transient_error(s3) -> None:
-    with pytest.raises(storage.StorageUnreachable, match=r"http://127.0.0.1:9.*cannot be reached"):
+    with pytest.raises(s3lib.StorageUnreachable, match=r"http://127.0.0.1:9.*cannot be reached"):
         storage.preflight(storage.Destination("bucket", "p", "http://127.0.0.1:9"))
 
 
@@ -91,8 +93,8 @@ def test_s3_inputs_are_fetched_once_and_fingerprinted_by_etag(s3, tmp_path: Path
     assert first.read_bytes() == b"first" and first.name == "d.npz"
     fp = inputs.fingerprint(uri, "data.source")
     calls: list[str] = []
-    real = storage._call
-    monkeypatch.setattr(storage, "_call", lambda s, b, method, **kw: calls.append(method) or real(s, b, method, **kw))
+    real = s3lib.call
+    monkeypatch.setattr(s3lib, "call", lambda s, b, method, **kw: calls.append(method) or real(s, b, method, **kw))
     assert inputs.resolve(uri, "data.source") == first
     assert calls == ["head_object"]  # the ETag is unchanged: no second download
     s3.put_object(Bucket="bucket", Key="data/d.npz", Body=b"second")

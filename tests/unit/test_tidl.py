@@ -14,9 +14,10 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from tasks import tidl_bundle, tidl_compat
-from tasks.params import DataParams, TidlParams
-from tasks.prepare_data import run as prepare
+from tidlq.core.params import DataParams, TidlParams
+from tidlq.stages import tidl_bundle
+from tidlq.stages.prepare_data import run as prepare
+from tidlq.tidl import lint, options
 
 EXPECTED_KEYS = {
     "tidl_tools_path", "artifacts_folder", "tensor_bits", "accuracy_level", "debug_level",
@@ -29,12 +30,12 @@ EXPECTED_KEYS = {
 @pytest.mark.parametrize(("device", "scale_type"), [("am62a", 4), ("am67a", 4), ("am68a", 4), ("am69a", 4),
                                                      ("tda4vm", 1), ("am68pa", 1)])
 def test_compile_options_per_device(device: str, scale_type: int) -> None:
-    options = tidl_bundle.compile_options(TidlParams(target_device=device, calibration_frames=7))
-    assert set(options) == EXPECTED_KEYS
-    assert options["advanced_options:quantization_scale_type"] == scale_type
-    assert options["advanced_options:prequantized_model"] == 1
-    assert (options["tensor_bits"], options["accuracy_level"]) == (8, 0)
-    assert options["advanced_options:calibration_frames"] == 7
+    compile_options = options.compile_options(TidlParams(target_device=device, calibration_frames=7))
+    assert set(compile_options) == EXPECTED_KEYS
+    assert compile_options["advanced_options:quantization_scale_type"] == scale_type
+    assert compile_options["advanced_options:prequantized_model"] == 1
+    assert (compile_options["tensor_bits"], compile_options["accuracy_level"]) == (8, 0)
+    assert compile_options["advanced_options:calibration_frames"] == 7
 
 
 def qdq_conv_model(weight_axis: int = 0, scale: float = 0.02, act_zero: int = 128, opset: int = 17,
@@ -63,7 +64,7 @@ def qdq_conv_model(weight_axis: int = 0, scale: float = 0.02, act_zero: int = 12
 
 
 def rules(model: onnx.ModelProto, device: str = "am68a") -> list[tuple[str, str, str]]:
-    return [(f["node"], f["rule"], f["severity"]) for f in tidl_compat.check(model, device)]
+    return [(f["node"], f["rule"], f["severity"]) for f in lint.check(model, device)]
 
 
 def test_clean_model_has_no_findings() -> None:

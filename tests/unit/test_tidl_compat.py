@@ -10,8 +10,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from tasks import export_qdq, models, qconfig, tidl_compat
-from tasks.params import QuantParams
+from tidlq.core.params import QuantParams
+from tidlq.models import builtin
+from tidlq.quant import fx, onnx_export, recipes
+from tidlq.tidl import lint
 
 F32 = np.float32
 
@@ -219,14 +221,14 @@ CASES = [
 
 
 def rules(model: onnx.ModelProto, device: str = "am68a") -> list[tuple[str, str, str]]:
-    return [(f["node"], f["rule"], f["severity"]) for f in tidl_compat.check(model, device)]
+    return [(f["node"], f["rule"], f["severity"]) for f in lint.check(model, device)]
 
 
 @pytest.mark.parametrize(("bad", "good", "device", "expected", "detail"), CASES)
 def test_rule_fires_on_the_violation_only(bad: onnx.ModelProto, good: onnx.ModelProto, device: str,
                                           expected: tuple[str, str, str], detail: str) -> None:
     node, rule, _ = expected
-    found = [f for f in tidl_compat.check(bad, device) if (f["node"], f["rule"], f["severity"]) == expected]
+    found = [f for f in lint.check(bad, device) if (f["node"], f["rule"], f["severity"]) == expected]
     assert len(found) == 1, rules(bad, device)
     assert found[0]["op"] == next(n.op_type for n in bad.graph.node if n.name == node)
     assert detail in found[0]["detail"]
@@ -276,33 +278,33 @@ class DepthwiseUpsample(nn.Module):
 def export_like_pipeline(model: nn.Module, input_shape: list[int], device: str = "am68a") -> onnx.ModelProto:
     """calibrate -> convert -> export_qdq as the pipeline runs them, with the default quant params for `device`."""
     torch.manual_seed(0)
-    recipe = qconfig.recipe_for(QuantParams(), device)
-    with qconfig.quantized_engine(qconfig.engine_for(recipe.preset)):
-        prepared = qconfig.prepare(model.eval(), recipe, False, input_shape, "test")
+    recipe = recipes.recipe_for(QuantParams(), device)
+    with fx.quantized_engine(recipe.spec.engine):
+        prepared = fx.prepare(model.eval(), recipe, False, input_shape, "test")
         with torch.no_grad():
             for _ in range(3):
                 prepared(torch.randn([4, *input_shape[1:]]))
-        int8 = qconfig.convert(prepared)
-        raw = export_qdq.export_onnx(int8, input_shape, 17)
-    return export_qdq.clean(raw)
+        int8 = fx.convert(prepared)
+        raw = onnx_export.export_onnx(int8, input_shape, 17)
+    return onnx_export.clean(raw)
 
 
 def test_exported_depthwise_9x9_and_upsample_3x_are_named() -> None:
     model = export_like_pipeline(DepthwiseUpsample(), [1, 4, 16, 16])
     conv_node = next(n for n in model.graph.node if n.op_type == "Conv")
     resize_node = next(n for n in model.graph.node if n.op_type == "Resize")
-    findings = tidl_compat.check(model, "am68a")
+    findings = lint.check(model, "am68a")
     assert sorted(rules(model)) == sorted([(conv_node.name, "Conv depthwise kernel/stride", "arm"),
                                            (resize_node.name, "Resize power-of-2 scales", "arm")])
     details = {f["rule"]: f["detail"] for f in findings}
     assert "kernel 9x9, stride 1x1, group 4" in details["Conv depthwise kernel/stride"]
     assert "scales [1, 1, 3, 3]" in details["Resize power-of-2 scales"]
-    assert tidl_compat.summarize(findings) == {"reject": 0, "arm": 2, "warn": 0}
+    assert lint.summarize(findings) == {"reject": 0, "arm": 2, "warn": 0}
 
 
-@pytest.mark.parametrize("builtin", [models.MobileNetV2Tiny, models.ResNetTiny])
+@pytest.mark.parametrize("builtin", [builtin.MobileNetV2Tiny, builtin.ResNetTiny])
 def test_exported_builtin_models_have_no_findings(builtin: type[nn.Module]) -> None:
     model = export_like_pipeline(builtin(num_classes=10, in_channels=1), [1, 1, 28, 28])
     ops = {n.op_type for n in model.graph.node}
     assert {"Conv", "GlobalAveragePool", "Gemm", "Flatten"} <= ops  # the rules had something to look at
-    assert tidl_compat.check(model, "am68a") == []
+    assert lint.check(model, "am68a") == []

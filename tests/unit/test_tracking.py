@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tasks import tracking
-from tasks.params import load_params
+from tidlq.core.params import load_params
+from tidlq.results import tracking
 
 
 def summary(passed: bool) -> dict:

@@ -1,0 +1,1 @@
+"""Measuring a model in onnxruntime: logits, SQNR, agreement; quantized layers inside a QDQ model."""
