@@ -16,12 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tidlq.core.errors import UserError
+from tidlq.core.s3 import BUCKET_NAME
 
 BUILTIN_MODELS = ("mobilenet_v2_tiny", "resnet_tiny")
 TARGET_DEVICES = ("am62a", "am67a", "am68a", "am69a", "tda4vm", "am68pa")  # what each one needs: tidlq.tidl.devices
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _SAFE_SEGMENT = re.compile(r"[A-Za-z0-9][\w.-]*", re.ASCII)  # a file or key name: no "..", no "/"
-BUCKET_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")  # S3 wants 3-63; no "/" is what matters here
 UNECHOED_FIELDS = ("storage.endpoint_url",)  # a refused value may hold credentials: not repeated in errors
 
 

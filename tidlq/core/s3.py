@@ -11,13 +11,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tidlq.core import files
 from tidlq.core.errors import UserError
-from tidlq.core.params import BUCKET_NAME
+
+BUCKET_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")  # S3 wants 3-63; no "/" is what matters here
 
 
 class StorageError(UserError):

@@ -14,8 +14,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tidlq.core import files
 from tidlq.core.errors import UserError
-from tidlq.core.params import BUCKET_NAME, StorageParams
+from tidlq.core.params import StorageParams
 from tidlq.core.s3 import (
+    BUCKET_NAME,
     StorageError,
     StorageUnreachable,
     b64_sha256,
