@@ -17,8 +17,9 @@ from tidlq.core import files
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-QUICK = {"float_train": {"epochs": 2}, "quant": {"mode": "qat"}, "qat": {"epochs": 1},
-         "verify": {"max_accuracy_drop": 100.0, "min_sqnr_db": -100.0}}
+QUICK = {"data": {"image_size": 16}, "float_train": {"epochs": 2}, "quant": {"mode": "qat", "calibration_batches": 2},
+         "qat": {"epochs": 1}, "verify": {"max_accuracy_drop": 100.0, "min_sqnr_db": -100.0},
+         "sensitivity": {"images": 40}}
 
 
 def checkout(dest: Path) -> Path:

@@ -23,7 +23,9 @@ from mlflow import MlflowClient
 from flows.quantize import quantize
 from tests import servers
 from tests.conftest import FAST, PROJECT_ROOT
-from tidlq.core import cache, files, s3
+from tidlq import graph
+from tidlq.core import cache, files
+from tidlq.core.s3 import StorageUnreachable
 from tidlq.results import storage
 
 pytestmark = pytest.mark.slow
@@ -82,9 +84,14 @@ def temp_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob(".*.tmp") if p.is_dir()) if folder.is_dir() else []
 
 
-def stage_folders(out: Path) -> dict[str, list[Path]]:
-    """The final folders of every stage under `out/.stages`."""
-    return {d.name: sorted(p for p in d.iterdir() if STAGE_FOLDER.fullmatch(p.name))
+def stage_folders(out: Path, switched_off: bool = True) -> dict[str, list[Path]]:
+    """The final folders of every stage under `out/.stages` (without `switched_off`: only those of stages that ran,
+    not the constant folders of stages these params switch off)."""
+    def keep(folder: Path) -> bool:
+        return STAGE_FOLDER.fullmatch(folder.name) is not None and (
+            switched_off or not (folder / graph.SKIPPED).is_file())
+
+    return {d.name: sorted(p for p in d.iterdir() if keep(p))
             for d in sorted((out / ".stages").iterdir()) if d.is_dir()}
 
 
@@ -180,7 +187,7 @@ def kill_mid(stage: str, overrides: dict, env: dict[str, str], out: Path, log: P
     proc = start(overrides, env, log)
     kill_when(proc, lambda: temp_folders(out / ".stages" / stage), log)
     assert temp_folders(out / ".stages" / stage), "the killed process's temporary folder is there"
-    finished = stage_folders(out)
+    finished = stage_folders(out, switched_off=False)
     assert not finished.get(stage), f"{stage} finished before the kill: the test did not kill it mid-stage"
     assert_cache_intact(out)
     return sorted(name for name, folders in finished.items() if folders)
@@ -226,7 +233,7 @@ def test_sigkill_mid_calibrate_then_mid_export(reference: dict, jobs: dict, stac
     before = inodes(out, first)
 
     second = kill_mid("export_qdq", overrides, env, out, tmp_path / "kill2.log")
-    assert second == ["calibrate", "convert", *first]
+    assert second == sorted(["calibrate", "convert", *first])
     assert temp_folders(out / ".stages" / "calibrate") == []  # the first run's, swept when calibrate ran again
     assert inodes(out, first) == before  # reused as they were, not written again
 
@@ -257,7 +264,7 @@ def upload_outage(stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
     upload task's retry begins. Records every put_object that S3 accepted."""
     state, _ = stack
     plan: dict[str, Any] = {"back_for_retry": True, "after": 3, "keys": [], "puts": [], "down": False, "armed": True}
-    real_put, real_call = storage.put_verified, s3._call
+    real_put, real_call = storage.put_verified, storage.call
 
     def put_verified(s3: Any, path: Path, bucket: str, key: str) -> str:
         if plan["down"] and key in plan["keys"] and plan["back_for_retry"]:  # the retry starts over
@@ -277,7 +284,7 @@ def upload_outage(stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
         return result
 
     monkeypatch.setattr(storage, "put_verified", put_verified)
-    monkeypatch.setattr(storage, "_call", call)
+    monkeypatch.setattr(storage, "call", call)
     try:
         yield plan
     finally:
@@ -303,7 +310,7 @@ def test_s3_stopped_during_upload(reference: dict, jobs: dict, stack, upload_out
     assert_complete_copy(s3, bucket, prefix, folder / MODEL)
 
     upload_outage.update(back_for_retry=False, armed=True, keys=[], puts=[])
-    with servers.env_applied(env), pytest.raises(s3.StorageUnreachable, match="cannot be reached"):
+    with servers.env_applied(env), pytest.raises(StorageUnreachable, match="cannot be reached"):
         quantize(PARAMS, overrides)
     servers.start_service(stack[0], "seaweedfs")
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -364,7 +371,8 @@ def test_runs_at_once_in_one_output_dir(reference: dict, jobs: dict, stack, tmp_
     assert mobilenet["stage_keys"] == reference["ptq"]["summary"]["stage_keys"]
     assert qdq_digest(mobilenet) == reference["ptq"]["qdq"]
     assert resnet["stage_keys"]["prepare_data"] == mobilenet["stage_keys"]["prepare_data"]
-    built = {stage: {f.name for f in folders} for stage, folders in stage_folders(out).items()}
+    built = {stage: {f.name for f in folders} for stage, folders in stage_folders(out, switched_off=False).items()
+             if folders}
     assert built == {stage: {s["stage_keys"][stage][:16] for s in (mobilenet, resnet)} for stage in built}
     assert Path(resnet["artifacts"]["qdq_onnx"]).parent == out / "resnet_tiny"
 
