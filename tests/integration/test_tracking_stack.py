@@ -48,7 +48,8 @@ def test_run_is_tracked_on_the_server_and_published_to_s3(prefect_api: str, stac
     assert run.data.tags["dataset_digest"] == summary["dataset"]["digest"]
     assert run.inputs.dataset_inputs[0].dataset.digest == summary["dataset"]["digest"][:36]
     version = client.get_model_version_by_alias(f"{MODEL}-qdq", "candidate")
-    assert version.run_id == run_id
+    assert str(version.version) == run.data.tags["registered_version"]  # this run's model (or an identical one's)
+    assert version.tags["qdq_sha256"] == files.sha256_file(Path(summary["artifacts"]["qdq_onnx"]))
     artifacts = {a.path for folder in (None, "tidl") for a in client.list_artifacts(run_id, folder)}
     assert {"model_qdq.onnx", "summary.json", "report.md", "confusion.png", "tidl/compile_options.yaml"} <= artifacts
 

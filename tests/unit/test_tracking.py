@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from tidlq.core import files
 from tidlq.core.params import load_params
 from tidlq.results import tracking
 
@@ -65,7 +66,9 @@ def test_a_run_carries_params_metrics_tags_dataset_artifacts_and_model(published
     assert logged.inputs.dataset_inputs[0].dataset.digest == ("ab" * 32)[:36]
     artifacts = {a.path for a in client.list_artifacts(run.run_id)}
     assert {"model_qdq.onnx", "summary.json", "tidl"} <= artifacts
-    assert registered == {"registered_model": "tiny-qdq", "version": "1", "candidate": True}
+    assert registered == {"registered_model": "tiny-qdq", "version": "1", "candidate": True, "new_version": True,
+                          "pruned": []}
+    assert tags[tracking.VERSION_TAG] == "1"
     assert str(client.get_model_version_by_alias("tiny-qdq", "candidate").version) == "1"
 
 
@@ -82,6 +85,44 @@ def test_failed_gate_registers_without_the_candidate_alias(published: Path) -> N
     assert logged.data.tags["failure_reason"] == "RuntimeError: the quality gate failed"
     assert client.get_registered_model("tiny-qdq").aliases == {}
     assert client.get_model_version("tiny-qdq", "1").tags["gate"] == "failed"
+
+
+def qdq_model(published: Path, op: str) -> None:
+    """A different one-node model_qdq.onnx (another SHA-256) for each `op`."""
+    graph = helper.make_graph([helper.make_node(op, ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), published / "model_qdq.onnx")
+
+
+def test_the_same_qdq_model_keeps_its_version_and_old_versions_are_pruned(published: Path) -> None:
+    """Three runs of one QDQ model: one version, each run tagged with it. A changed model: a new version. Beyond
+    `tracking.keep_versions`, the oldest go, except those an alias points at."""
+    from mlflow import MlflowClient
+
+    params = load_params(None, {"tracking.keep_versions": 2})
+    client = MlflowClient(f"sqlite:///{published.parent / 'mlflow.db'}")
+
+    def run_once(passed: bool = True) -> tuple[str, dict]:
+        with tracking.tracked_run(params, "id", "name") as run:
+            return run.run_id, tracking.log_results(run, params, summary(passed), published, {})
+
+    runs = [run_once() for _ in range(3)]
+    assert [r["version"] for _, r in runs] == ["1"] * 3 and [r["new_version"] for _, r in runs] == [True, False, False]
+    assert [client.get_run(i).data.tags[tracking.VERSION_TAG] for i, _ in runs] == ["1"] * 3
+    assert len(client.search_model_versions("name = 'tiny-qdq'")) == 1
+    assert client.get_model_version("tiny-qdq", "1").run_id == runs[0][0]  # the run that first made it
+
+    client.set_registered_model_alias("tiny-qdq", "champion", "1")
+    for op in ("Sigmoid", "Tanh", "Abs"):  # versions 2, 3, 4; the gate of the last one fails
+        qdq_model(published, op)
+        _, registered = run_once(passed=op != "Abs")
+    assert registered["version"] == "4" and registered["pruned"] == ["2"]
+    kept = sorted(int(v.version) for v in client.search_model_versions("name = 'tiny-qdq'"))
+    assert kept == [1, 3, 4]  # the newest two, and the champion; v3 is also the candidate
+    assert client.get_registered_model("tiny-qdq").aliases == {"champion": 1, "candidate": 3}
+    assert client.get_model_version("tiny-qdq", "4").tags[tracking.DIGEST_TAG] == files.sha256_file(
+        published / "model_qdq.onnx")
 
 
 def test_unreachable_server_fails_fast_or_warns(monkeypatch: pytest.MonkeyPatch) -> None:

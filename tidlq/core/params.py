@@ -171,7 +171,10 @@ class TrackingParams(Section):
 
     experiment: str = Field("tidlq", min_length=1)
     required: bool = Field(True, description="false: run and warn when the tracking server cannot be reached")
-    register_model: bool = Field(True, description="register the QDQ model as '<model name>-qdq'")
+    register_model: bool = Field(True, description="register the QDQ model as '<model name>-qdq' (a new version "
+                                 "only when its SHA-256 is new for that name)")
+    keep_versions: int = Field(20, ge=1, description="registered versions kept per model name: older ones are "
+                               "deleted, except those an alias (champion, candidate) points at")
 
 
 class StorageParams(Section):

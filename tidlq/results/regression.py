@@ -46,8 +46,10 @@ def verdict(new: dict[str, Any], best: dict[str, Any] | None, accuracy_tolerance
 
 
 def promote(client: Any, model: str, run_id: str) -> str:
-    """Move the champion alias of `<model>-qdq` to the version registered by `run_id`; its version number."""
-    versions = client.search_model_versions(f"run_id = '{run_id}'")
-    version = next(v for v in versions if v.name == f"{model}-qdq")
-    client.set_registered_model_alias(f"{model}-qdq", CHAMPION, version.version)
-    return str(version.version)
+    """Move the champion alias of `<model>-qdq` to the version that holds `run_id`'s QDQ model (the run's tag
+    `registered_version`: a run whose model was already registered reuses that version); its version number."""
+    from tidlq.results.tracking import VERSION_TAG
+
+    version = client.get_run(run_id).data.tags[VERSION_TAG]
+    client.set_registered_model_alias(f"{model}-qdq", CHAMPION, version)
+    return version

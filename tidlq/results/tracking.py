@@ -31,6 +31,8 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 # Params that may hold environment details; never logged.
 UNLOGGED_PARAMS = ("storage.endpoint_url",)
 PROJECT = Path(__file__).resolve().parents[2]
+DIGEST_TAG = "qdq_sha256"  # on a model version: the SHA-256 of its model_qdq.onnx
+VERSION_TAG = "registered_version"  # on a run: the version of `<model>-qdq` that holds its QDQ model
 
 
 class TrackingUnavailable(UserError):
@@ -201,15 +203,51 @@ def track_task(run: TrackedRun, params: Params, summary: dict[str, Any], publish
     from mlflow.exceptions import MlflowException
 
     try:
-        return log_results(run, params, summary, published, histories)
+        registered = log_results(run, params, summary, published, histories)
     except MlflowException as exc:
         raise TrackingUnavailable(f"MLflow at {run.uri} could not record the run ({str(exc).splitlines()[0][:300]}). "
                                   "Check the tracking server and its artifact store; the local outputs are in "
                                   f"{published}.") from None
+    if registered:
+        from prefect import get_run_logger
+
+        get_run_logger().info(registration_line(registered))
+    return registered
+
+
+def registration_line(registered: dict[str, Any]) -> str:
+    """What the registry did, in one log line."""
+    name, version = registered["registered_model"], registered["version"]
+    line = f"{name} version {version}: " + ("registered" if registered["new_version"] else
+                                             "the same QDQ model (SHA-256) as before, no new version")
+    if registered["pruned"]:
+        line += f"; pruned versions {', '.join(registered['pruned'])} (tracking.keep_versions)"
+    return line
 
 
 def register(run: TrackedRun, params: Params, summary: dict[str, Any], published: Path) -> dict[str, Any]:
-    """Register the QDQ model (ONNX flavor) as `<model>-qdq`; alias `candidate` only when the gate passed."""
+    """Register the QDQ model (ONNX flavor) as `<model>-qdq`, once per distinct file: a run whose QDQ model has the
+    SHA-256 of a registered version reuses that version (its run carries the tag `registered_version`). Alias
+    `candidate` only when the gate passed. Then `prune`: versions beyond the newest `tracking.keep_versions` go."""
+    from mlflow import MlflowClient
+
+    name = f"{summary['model']}-qdq"
+    client = MlflowClient(run.uri)
+    digest = files.sha256_file(published / "model_qdq.onnx")
+    same = client.search_model_versions(f"name = '{name}' and tag.{DIGEST_TAG} = '{digest}'")
+    version = str(max(int(v.version) for v in same)) if same else log_version(run, params, name, published, digest)
+    client.set_model_version_tag(name, version, "gate", "passed" if summary["gate"]["passed"] else "failed")
+    client.set_model_version_tag(name, version, "params_digest", summary["params_digest"])
+    client.set_tag(run.run_id, VERSION_TAG, version)
+    if summary["gate"]["passed"]:
+        client.set_registered_model_alias(name, "candidate", version)
+    pruned = prune(client, name, params.tracking.keep_versions)
+    return {"registered_model": name, "version": version, "candidate": summary["gate"]["passed"],
+            "new_version": not same, "pruned": pruned}
+
+
+def log_version(run: TrackedRun, params: Params, name: str, published: Path, digest: str) -> str:
+    """Log the QDQ model to the run and register it as a new version of `name`, tagged with its SHA-256."""
     import mlflow
     import mlflow.onnx
     import onnx
@@ -217,17 +255,23 @@ def register(run: TrackedRun, params: Params, summary: dict[str, Any], published
 
     mlflow.set_tracking_uri(run.uri)
     mlflow.set_experiment(params.tracking.experiment)  # logged models go to the active experiment, not the run's
-    name = f"{summary['model']}-qdq"
     info = mlflow.onnx.log_model(onnx.load(published / "model_qdq.onnx"), name="model_qdq", run_id=run.run_id,
                                  registered_model_name=name, pip_requirements=["onnx", "onnxruntime"],
                                  onnx_execution_providers=["CPUExecutionProvider"], await_registration_for=60)
     version = str(info.registered_model_version)
-    client = MlflowClient(run.uri)
-    client.set_model_version_tag(name, version, "gate", "passed" if summary["gate"]["passed"] else "failed")
-    client.set_model_version_tag(name, version, "params_digest", summary["params_digest"])
-    if summary["gate"]["passed"]:
-        client.set_registered_model_alias(name, "candidate", version)
-    return {"registered_model": name, "version": version, "candidate": summary["gate"]["passed"]}
+    MlflowClient(run.uri).set_model_version_tag(name, version, DIGEST_TAG, digest)
+    return version
+
+
+def prune(client: Any, name: str, keep: int) -> list[str]:
+    """Delete the versions of `name` older than the newest `keep`, except those an alias points at (champion,
+    candidate, any other); the deleted version numbers."""
+    aliased = {str(v) for v in client.get_registered_model(name).aliases.values()}
+    versions = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), reverse=True)
+    old = [str(v) for v in versions[keep:] if str(v) not in aliased]
+    for version in old:
+        client.delete_model_version(name, version)
+    return old
 
 
 def log_dataset(client: Any, run_id: str, dataset: dict[str, Any]) -> None:
