@@ -235,7 +235,8 @@ def register(run: TrackedRun, params: Params, summary: dict[str, Any], published
     client = MlflowClient(run.uri)
     digest = files.sha256_file(published / "model_qdq.onnx")
     same = client.search_model_versions(f"name = '{name}' and tag.{DIGEST_TAG} = '{digest}'")
-    version = str(max(int(v.version) for v in same)) if same else log_version(run, params, name, published, digest)
+    version = str(max(int(v.version) for v in same)) if same else \
+        log_version(client, run, params, name, published, digest)
     client.set_model_version_tag(name, version, "gate", "passed" if summary["gate"]["passed"] else "failed")
     client.set_model_version_tag(name, version, "params_digest", summary["params_digest"])
     client.set_tag(run.run_id, VERSION_TAG, version)
@@ -246,12 +247,11 @@ def register(run: TrackedRun, params: Params, summary: dict[str, Any], published
             "new_version": not same, "pruned": pruned}
 
 
-def log_version(run: TrackedRun, params: Params, name: str, published: Path, digest: str) -> str:
+def log_version(client: Any, run: TrackedRun, params: Params, name: str, published: Path, digest: str) -> str:
     """Log the QDQ model to the run and register it as a new version of `name`, tagged with its SHA-256."""
     import mlflow
     import mlflow.onnx
     import onnx
-    from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(run.uri)
     mlflow.set_experiment(params.tracking.experiment)  # logged models go to the active experiment, not the run's
@@ -259,7 +259,7 @@ def log_version(run: TrackedRun, params: Params, name: str, published: Path, dig
                                  registered_model_name=name, pip_requirements=["onnx", "onnxruntime"],
                                  onnx_execution_providers=["CPUExecutionProvider"], await_registration_for=60)
     version = str(info.registered_model_version)
-    MlflowClient(run.uri).set_model_version_tag(name, version, DIGEST_TAG, digest)
+    client.set_model_version_tag(name, version, DIGEST_TAG, digest)
     return version
 
 
