@@ -1,11 +1,13 @@
-"""Cold run vs fully cached rerun of the default job (`tidlq run -p params.yaml`), as a user runs it.
+"""Cold run, no-op rerun and forced cached rerun of the default job (`tidlq run -p params.yaml`), as a user runs
+them, and `tidlq --help`.
 
 Runs a copy of the code taken at the start (benchmarks/snapshot.py: the checkout may change meanwhile). Each repeat
-starts from nothing (fresh output folder, fresh PREFECT_HOME: no cached results) and runs the job twice.
-Prints medians over the repeats and writes benchmarks/results/cached_rerun.json. Not a test: the numbers depend on
-the machine and its load; quote medians and ratios from one run of this script.
+starts from nothing (fresh output folder, fresh PREFECT_HOME: no cached results) and runs the job three times: cold,
+again with nothing changed (the up-to-date check answers; no flow), and with `--force` (the flow, every stage
+cached). Prints medians over the repeats and writes benchmarks/results/cached_rerun.json. Not a test: the numbers
+depend on the machine and its load; quote medians and ratios from one run of this script.
 
-    .venv/bin/python benchmarks/cached_rerun.py [--repeats 3]
+    .venv/bin/python benchmarks/cached_rerun.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TIDLQ = str(Path(sys.executable).with_name("tidlq"))
 
 
-def run_job(code: Path, env: dict[str, str], out: Path, prefect_home: Path) -> dict:
+def run_job(code: Path, env: dict[str, str], out: Path, prefect_home: Path, *extra: str) -> dict:
     """One `tidlq run` of the code in `code` in its own process; wall time and the per-stage times from its
-    summary.json."""
+    summary.json (for a no-op run, the matched run's)."""
     started = time.perf_counter()
-    done = subprocess.run([TIDLQ, "run", "-p", "params.yaml", "--set", f"output_dir={out}"], cwd=code,
+    done = subprocess.run([TIDLQ, "run", "-p", "params.yaml", "--set", f"output_dir={out}", *extra], cwd=code,
                           env=env | {"PREFECT_HOME": str(prefect_home)}, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
@@ -43,39 +45,58 @@ def run_job(code: Path, env: dict[str, str], out: Path, prefect_home: Path) -> d
     summary = json.loads((out / "mobilenet_v2_tiny" / "summary.json").read_text())
     stages = summary["stages"]
     return {"wall": wall, "stages": sum(t["seconds"] for t in stages.values()),
-            "cached": sum(t["cached"] for t in stages.values()), "n": len(stages)}
+            "cached": sum(t["cached"] for t in stages.values()), "n": len(stages),
+            "up_to_date": "up to date: nothing changed" in done.stdout}
+
+
+def help_wall(code: Path, env: dict[str, str]) -> float:
+    """Wall time of `tidlq --help`."""
+    started = time.perf_counter()
+    subprocess.run([TIDLQ, "--help"], cwd=code, env=env, capture_output=True, check=True)
+    return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    cold, warm = [], []
+    runs: dict[str, list[dict]] = {"cold": [], "no-op": [], "forced": []}
+    helps = []
     with tempfile.TemporaryDirectory() as frozen:
         code, env = snapshot.take(Path(frozen))
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as tmp:
-                cold.append(run_job(code, env, Path(tmp) / "out", Path(tmp) / "prefect"))
-                warm.append(run_job(code, env, Path(tmp) / "out", Path(tmp) / "prefect"))
-    med = {k: {m: statistics.median(r[m] for r in runs) for m in ("wall", "stages")}
-           for k, runs in (("cold", cold), ("cached", warm))}
+                job = (code, env, Path(tmp) / "out", Path(tmp) / "prefect")
+                runs["cold"].append(run_job(*job))
+                runs["no-op"].append(run_job(*job))
+                runs["forced"].append(run_job(*job, "--force"))
+                helps.append(help_wall(code, env))
+    if not all(r["up_to_date"] for r in runs["no-op"]) or any(r["up_to_date"] for r in runs["forced"]):
+        raise RuntimeError("a rerun with nothing changed did not answer 'up to date', or --force did not run the flow")
+    med = {k: {m: statistics.median(r[m] for r in rs) for m in ("wall", "stages")} for k, rs in runs.items()}
+    cold = med["cold"]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "repeats": args.repeats,
         "median": med,
-        "ratio": {m: med["cached"][m] / med["cold"][m] for m in ("wall", "stages")},
-        "cached_stages": [r["cached"] for r in warm],
-        "stages_per_run": cold[0]["n"],
+        "cold_outside_stages": statistics.median(r["wall"] - r["stages"] for r in runs["cold"]),
+        "help": statistics.median(helps),
+        "ratio_to_cold": {k: med[k]["wall"] / cold["wall"] for k in ("no-op", "forced")},
+        "forced_cached_stages": [r["cached"] for r in runs["forced"]],
+        "stages_per_run": runs["cold"][0]["n"],
     }
     table = Table(title=f"default job, median of {args.repeats} ({result['machine']})")
-    for col in ("", "cold run (s)", "cached rerun (s)", "cached / cold"):
+    for col in ("command", "wall (s)", "in the stages (s)", "wall / cold run"):
         table.add_column(col, justify="right")
-    table.add_row("wall time, whole command", f"{med['cold']['wall']:.1f}", f"{med['cached']['wall']:.1f}",
-                  f"{result['ratio']['wall']:.1%}")
-    table.add_row("time in the stages", f"{med['cold']['stages']:.2f}", f"{med['cached']['stages']:.2f}",
-                  f"{result['ratio']['stages']:.1%}")
+    table.add_row("tidlq run, cold", f"{cold['wall']:.2f}", f"{cold['stages']:.2f}", "100%")
+    table.add_row("tidlq run, nothing changed (up to date)", f"{med['no-op']['wall']:.2f}", "-",
+                  f"{result['ratio_to_cold']['no-op']:.1%}")
+    table.add_row("tidlq run --force, every stage cached", f"{med['forced']['wall']:.2f}",
+                  f"{med['forced']['stages']:.2f}", f"{result['ratio_to_cold']['forced']:.1%}")
+    table.add_row("tidlq --help", f"{result['help']:.2f}", "-", "-")
     Console().print(table)
-    print(f"stages reported cached on the rerun: {result['cached_stages']} of {result['stages_per_run']}")
+    print(f"cold run outside the stages: {result['cold_outside_stages']:.1f} s; stages cached on the forced rerun: "
+          f"{result['forced_cached_stages']} of {result['stages_per_run']}")
     out = ROOT / "benchmarks" / "results" / "cached_rerun.json"
     out.parent.mkdir(exist_ok=True)
     files.write_json(out, result)

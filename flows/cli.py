@@ -22,6 +22,7 @@ from infra.local.config import DEFAULT_BUCKET, DEFAULT_DIR, PORT_NAMES
 from tidlq.core import files
 from tidlq.core.errors import GateFailed, NightlyFailed, UserError, is_write_error, write_error
 from tidlq.core.params import load_params, parse_overrides
+from tidlq.results import uptodate
 from tidlq.results.summary import metric_rows
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -47,11 +48,24 @@ def _commands() -> None:
 
 @app.command()
 def run(params: ParamsOption = Path("params.yaml"), set_: SetOption = [],  # noqa: B006 - typer reads the default
+        force: Annotated[bool, typer.Option("--force", help="run the flow even when nothing changed")] = False,
         verbose: VerboseOption = False) -> None:
-    """Run the quantize flow: data, float model, PTQ or QAT, convert, QDQ export, verify, TIDL bundle, publish."""
+    """Run the quantize flow: data, float model, PTQ or QAT, convert, QDQ export, verify, TIDL bundle, publish.
+    When every stage is cached and the last publish still matches, say which run it was and stop (like make)."""
     with user_errors(verbose):
         overrides = parse_overrides(set_)
         p = load_params(params, overrides)  # fail before Prefect starts
+        if not force and (published := uptodate.check(p)) is not None:
+            print_summary(published, up_to_date=True)
+            run_ids = published["run"]
+            console.print(f"up to date: nothing changed since MLflow run {run_ids['mlflow_run_id']} "
+                          f"(summary {p.model_dir / 'summary.json'}, S3 {run_ids['s3_uri'] or '-'}); nothing to do "
+                          "(--force runs the flow anyway)", highlight=False, soft_wrap=True)
+            if not published["gate"]["passed"]:
+                errors.print(f"[bold red]gate failed:[/] {'; '.join(published['gate']['reasons'])}",
+                             highlight=False, soft_wrap=True)
+                raise typer.Exit(1)
+            return
         from flows.quantize import quantize
 
         configure(verbose)
@@ -241,9 +255,10 @@ def user_errors(verbose: bool) -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    """The stage table (cached or run, seconds) and the metrics of a run."""
-    stages = Table(title=f"{summary['model']}: stages")
+def print_summary(summary: dict[str, Any], up_to_date: bool = False) -> None:
+    """The stage table (cached or run, seconds) and the metrics of a run (`up_to_date`: of the run that a no-op
+    run matched)."""
+    stages = Table(title=f"{summary['model']}: stages" + (" (of the matching run)" if up_to_date else ""))
     for col in ("stage", "status", "seconds"):
         stages.add_column(col, justify="right" if col == "seconds" else "left")
     for name, t in summary["stages"].items():

@@ -5,6 +5,8 @@
   `<root>/<stage>/<key[:16]>/`. Several params variants (the autopilot's recipes) run stage by stage side by side,
   each distinct key once.
 - `build_all`: the same folders without Prefect (tests, benchmarks).
+- `Probe`: the flow's keys and folders, read only: the manifests a run would start from when every stage folder is
+  already intact, else `Stale` (no Prefect, no torch: `tidlq run`'s up-to-date check, `tidlq.results.uptodate`).
 - `build_in_pipeline`: one stage into the fixed folder `pipeline/<name>/` that `dvc repro` tracks, after checking
   that its input folders are intact and were built from the current params (`tidlq stage <name>`).
 """
@@ -15,16 +17,18 @@ import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from prefect import Task, task
+from typing import TYPE_CHECKING, Any
 
 from tidlq import graph
 from tidlq.core import cache
 from tidlq.core.errors import UserError
 from tidlq.core.params import Params
 
+if TYPE_CHECKING:
+    from prefect import Task
+
 Manifests = dict[str, cache.Manifest]
+Calls = list[tuple[str, Params, list[cache.Manifest], str]]  # (key, params, upstream manifests, timing label)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class Outcome:
 def stage_task(name: str) -> Task:
     """The Prefect task of stage `name`: builds it into its content-addressed folder; Prefect caches the manifest
     under the stage key (the `key` argument, from `graph.key`)."""
+    from prefect import task
+
     stage = graph.BY_NAME[name]
 
     def build_stage(root: Path, key: str, params: Params, upstream: list[cache.Manifest]) -> cache.Manifest:
@@ -80,7 +86,7 @@ class StageRunner:
                 if key in self.built:
                     continue
                 if graph.off_because(stage, p) is not None:  # a constant folder: no task, no timing
-                    self.built[key] = graph.build(stage, p, upstream, cache.stage_dir(self.root, stage.name, key))
+                    self.built[key] = self._constant(stage, p, upstream, key)
                 else:
                     calls.setdefault(key, (p, upstream, i))
             shared = labels is None or (len(variants) > 1 and len(set(keys)) == 1)
@@ -90,12 +96,15 @@ class StageRunner:
                 every[i][stage.name] = self.built[key]
         return [active(manifests) for manifests in every]
 
-    def _run_calls(self, name: str, calls: list[tuple[str, Params, list[cache.Manifest], str]]) -> None:
+    def _constant(self, stage: graph.Stage, params: Params, upstream: list[cache.Manifest], key: str) -> cache.Manifest:
+        return graph.build(stage, params, upstream, cache.stage_dir(self.root, stage.name, key))
+
+    def _run_calls(self, name: str, calls: Calls) -> None:
         step = self.max_parallel or len(calls) or 1
         for start in range(0, len(calls), step):
             self._submit(name, calls[start:start + step])
 
-    def _submit(self, name: str, calls: list[tuple[str, Params, list[cache.Manifest], str]]) -> None:
+    def _submit(self, name: str, calls: Calls) -> None:
         """Submit calls of one stage at once (Prefect's thread pool; their torch work takes turns on
         `tidlq.quant.fx.quantized_engine`'s lock), wait for all, keep their manifests and the group's wall time.
 
@@ -118,6 +127,29 @@ class StageRunner:
                 raise RuntimeError(f"stage {name} finished, but its folder {folder} is missing or damaged")
             self.built[key] = manifest
             self.timings[label] = {"cached": state.name == "Cached", "seconds": seconds}
+
+
+class Stale(Exception):
+    """A stage folder the run needs is missing or damaged: the run has work to do."""
+
+
+class Probe(StageRunner):
+    """A runner that builds nothing: `outcome` and `run` answer with the manifests of the stage folders already
+    there, and raise `Stale` at the first folder that is missing or damaged."""
+
+    def _constant(self, stage: graph.Stage, params: Params, upstream: list[cache.Manifest], key: str) -> cache.Manifest:
+        return self._intact(stage.name, key)
+
+    def _run_calls(self, name: str, calls: Calls) -> None:
+        for key, *_ in calls:
+            self.built[key] = self._intact(name, key)
+
+    def _intact(self, name: str, key: str) -> cache.Manifest:
+        folder = cache.stage_dir(self.root, name, key)
+        manifest = cache.load_intact(folder)
+        if manifest is None or manifest.key != key:
+            raise Stale(f"stage {name}: {folder} is missing or damaged")
+        return manifest
 
 
 def build_all(params: Params, root: Path, until: str | None = None) -> Manifests:

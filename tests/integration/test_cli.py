@@ -1,5 +1,5 @@
 """`tidlq run` as users run it, in a separate process: exit codes, messages without tracebacks, nothing half-written,
-and a cached rerun in Prefect's ephemeral mode (no server)."""
+a rerun that is up to date, and a forced cached rerun in Prefect's ephemeral mode (no server)."""
 
 from __future__ import annotations
 
@@ -64,20 +64,33 @@ def test_gate_failure_exits_1_with_the_report(prefect_api: str, tmp_path: Path) 
     assert "gate failed:" in done.stderr and "verify.min_sqnr_db 99" in done.stderr
     assert "int8 logit SQNR (dB)" in done.stdout
     assert files.read_json(tmp_path / "mobilenet_v2_tiny" / "summary.json")["gate"]["passed"] is False
+    again = tidlq("run", *sets(FAST | {"verify.min_sqnr_db": 99, "output_dir": tmp_path}), api=prefect_api)
+    assert again.returncode == 1 and "up to date" in again.stdout  # the same failed run, not a new one
+    assert "gate failed:" in again.stderr and "verify.min_sqnr_db 99" in again.stderr
 
 
-def test_ephemeral_mode_run_then_fully_cached_rerun(tmp_path: Path) -> None:
+def test_ephemeral_mode_run_then_up_to_date_then_forced_cached_rerun(tmp_path: Path) -> None:
     args = ["run", *sets(FAST | {"output_dir": tmp_path})]
     first = tidlq(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Starting temporary server" in first.stdout + first.stderr
-    summary = files.read_json(tmp_path / "mobilenet_v2_tiny" / "summary.json")
+    published = tmp_path / "mobilenet_v2_tiny" / "summary.json"
+    summary = files.read_json(published)
     assert not any(t["cached"] for t in summary["stages"].values())
     qdq_digest = files.sha256_file(Path(summary["artifacts"]["qdq_onnx"]))
-    second = tidlq(*args)
+    digest = files.sha256_file(published)
+
+    second = tidlq(*args)  # nothing changed: no flow, no server, no new MLflow run
     assert second.returncode == 0, second.stderr[-3000:]
-    cached = files.read_json(tmp_path / "mobilenet_v2_tiny" / "summary.json")
+    assert f"up to date: nothing changed since MLflow run {summary['run']['mlflow_run_id']}" in second.stdout
+    assert "Starting temporary server" not in second.stdout + second.stderr
+    assert files.sha256_file(published) == digest
+
+    third = tidlq(*args, "--force")
+    assert third.returncode == 0, third.stderr[-3000:]
+    cached = files.read_json(published)
     assert all(t["cached"] for t in cached["stages"].values())
     assert cached["stage_keys"] == summary["stage_keys"]
+    assert cached["run"]["mlflow_run_id"] != summary["run"]["mlflow_run_id"]
     assert files.sha256_file(Path(cached["artifacts"]["qdq_onnx"])) == qdq_digest
-    assert second.stdout.count("cached") >= 8
+    assert third.stdout.count("cached") >= 8

@@ -18,6 +18,7 @@ from tidlq.core import files
 from tidlq.core.errors import GateFailed
 from tidlq.core.params import load_params
 from tidlq.quant.onnx_export import FORBIDDEN_OPS
+from tidlq.results import uptodate
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +123,7 @@ def test_autopilot_keeps_the_best_recipe_and_logs_each_as_a_child_run(prefect_ap
     assert sorted(c.data.params["observer"] for c in children) == ["histogram", "histogram", "minmax", "minmax"]
     winners = [c for c in children if c.data.tags["autopilot.winner"] == "True"]
     assert len(winners) == 1 and winners[0].data.metrics["sqnr_db"] == pytest.approx(best)
+    assert uptodate.check(load_params(None, overrides))["run"] == summary["run"]  # every recipe's folders found
 
 
 def test_autopilot_falls_back_to_qat_when_no_recipe_passes(prefect_api: str, tmp_path: Path) -> None:
@@ -136,6 +138,7 @@ def test_autopilot_falls_back_to_qat_when_no_recipe_passes(prefect_api: str, tmp
     assert not any(r["gate_passed"] for r in rows)
     assert summary["autopilot"]["winner"] == max(rows, key=lambda r: r["sqnr_db"])["label"]
     assert "train_qat:qat-tidl" in summary["stages"]
+    assert uptodate.check(load_params(None, overrides))["autopilot"]["winner"] == summary["autopilot"]["winner"]
 
 
 @pytest.mark.parametrize("switches", COMBINATIONS, ids=combination_id)

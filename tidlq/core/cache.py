@@ -16,7 +16,6 @@ import ast
 import functools
 import hashlib
 import importlib.metadata
-import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from pydantic import BaseModel
 from tidlq.core import files
 
 MANIFEST = "manifest.json"
+_PROJECT = Path(__file__).resolve().parents[2]  # holds the `tidlq` package
 # Libraries whose version changes what a stage writes; part of every key.
 _KEYED_LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxslim", "numpy", "scikit-learn")
 
@@ -93,14 +93,13 @@ def code_digest(module: str) -> str:
     """SHA-256 over the source of `module` and every project module it imports, transitively."""
     h = hashlib.sha256()
     for name in sorted(_project_closure(module)):
-        h.update(name.encode() + b"\0" + _source_path(name).read_bytes() + b"\0")
+        h.update(name.encode() + b"\0" + _path(name).read_bytes() + b"\0")
     return h.hexdigest()
 
 
 def code_files(module: str) -> set[str]:
     """The project source files of `module`'s code digest, relative to the project root (DVC deps)."""
-    project = Path(__file__).resolve().parents[2]
-    return {_source_path(m).relative_to(project).as_posix() for m in _project_closure(module)}
+    return {_path(m).relative_to(_PROJECT).as_posix() for m in _project_closure(module)}
 
 
 def _project_closure(module: str) -> set[str]:
@@ -118,7 +117,7 @@ def _project_closure(module: str) -> set[str]:
 def _project_imports(module: str) -> list[str]:
     """The `tidlq.*` modules that `module` imports (absolute or relative), except under `if TYPE_CHECKING:`."""
     package = module.split(".")[0]
-    tree = ast.parse(_source_path(module).read_text())
+    tree = ast.parse(_path(module).read_text())
     found = []
     for node in _runtime_nodes(tree):
         names: list[str] = []
@@ -153,17 +152,20 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def _is_module(name: str) -> bool:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return False
-    return spec is not None and spec.origin is not None and spec.origin.endswith(".py")
+    return _source_path(name) is not None
 
 
-def _source_path(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    assert spec is not None and spec.origin is not None, module
-    return Path(spec.origin)
+def _path(module: str) -> Path:
+    path = _source_path(module)
+    assert path is not None, module
+    return path
+
+
+def _source_path(module: str) -> Path | None:
+    """The source file of project module `module` (`a/b.py` or `a/b/__init__.py` under the project root), found on
+    disk: importing a package to ask would import what its `__init__` imports (torch), and keys must stay cheap."""
+    base = _PROJECT.joinpath(*module.split("."))
+    return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.is_file()), None)
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,8 +3,10 @@ and the report, the MLflow run (params, metrics, artifacts, registered model), a
 the run's side effect, and what a person or a script reads after a run.
 
 The folder holds `summary.json`, `model_qdq.onnx`, `float.onnx`, `float.pt`, `int8.pt`, `params.json` (the
-validated params of the run), `tidl/` (the bundle) and the report; it is replaced in one rename. Two runs of one
-model publish one after the other (a lock beside the folder).
+validated params of the run), `tidl/` (the bundle) and the report; it is replaced in one rename. After tracking
+and the S3 upload, `<model>.published.json` beside it records them for the next run's up-to-date check
+(`tidlq.results.uptodate`).
+Two runs of one model publish one after the other (a lock beside the folder).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tidlq.core import files
 from tidlq.core.errors import GateFailed
-from tidlq.results import report, storage, tracking
+from tidlq.results import report, storage, tracking, uptodate
 from tidlq.results.summary import artifact_paths, build_summary, histories
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ def publish(params: Params, outcome: Outcome, run: tracking.TrackedRun,
         tracking.track_task(run, params, summary, folder, histories(outcome.manifests))
         if dest is not None:
             storage.upload_task(dest, folder)
+        uptodate.record(params, summary)  # last: what the next `tidlq run` checks (not uploaded)
     return summary
 
 

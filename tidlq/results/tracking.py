@@ -26,8 +26,8 @@ from tidlq.core import files
 from tidlq.core.errors import UserError
 from tidlq.core.params import Params, flatten
 from tidlq.eval import metrics
+from tidlq.results.uptodate import tracking_uri
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 # Params that may hold environment details; never logged.
 UNLOGGED_PARAMS = ("storage.endpoint_url",)
 PROJECT = Path(__file__).resolve().parents[2]
@@ -47,11 +47,6 @@ class TrackedRun:
     run_id: str | None
     flow_run_id: str
     warning: str | None = None
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, or the embedded SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def check_server(uri: str) -> None:
