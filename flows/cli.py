@@ -21,9 +21,6 @@ from rich.table import Table
 from infra.local.config import DEFAULT_BUCKET, DEFAULT_DIR, PORT_NAMES
 from tidlq.core import files
 from tidlq.core.errors import GateFailed, NightlyFailed, UserError, is_write_error, write_error
-from tidlq.core.params import load_params, parse_overrides
-from tidlq.results import uptodate
-from tidlq.results.summary import metric_rows
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="tidlq: PyTorch models to TIDL-ready INT8 QDQ ONNX models, as a pipeline of cached stages.")
@@ -52,6 +49,9 @@ def run(params: ParamsOption = Path("params.yaml"), set_: SetOption = [],  # noq
         verbose: VerboseOption = False) -> None:
     """Run the quantize flow: data, float model, PTQ or QAT, convert, QDQ export, verify, TIDL bundle, publish.
     When every stage is cached and the last publish still matches, say which run it was and stop (like make)."""
+    from tidlq.core.params import load_params, parse_overrides
+    from tidlq.results import uptodate
+
     with user_errors(verbose):
         overrides = parse_overrides(set_)
         p = load_params(params, overrides)  # fail before Prefect starts
@@ -84,6 +84,8 @@ def nightly(params: ParamsOption = Path("params.yaml"), verbose: VerboseOption =
     """Quantize every model of nightly.models as its own deployment run, then check each against its champion
     (needs a Prefect server with the quantize deployment and a worker: make stack-up deploy worker)."""
     import asyncio
+
+    from tidlq.core.params import load_params
 
     with user_errors(verbose):
         p = load_params(params)
@@ -122,6 +124,8 @@ def stage(name: Annotated[str, typer.Argument(help="the stage to build, e.g. cal
           params: ParamsOption = Path("params.yaml"), set_: SetOption = [],  # noqa: B006 - typer reads the default
           verbose: VerboseOption = False) -> None:
     """Build one stage into pipeline/<name>/ without Prefect (what `dvc repro` runs)."""
+    from tidlq.core.params import load_params, parse_overrides
+
     with user_errors(verbose):
         p = load_params(params, parse_overrides(set_))
         configure(verbose)
@@ -138,6 +142,7 @@ def dvc_yaml(params: ParamsOption = Path("params.yaml"),
     """Write dvc.yaml from the stage table (rerun after changing data.source or model.weights to a local path)."""
     with user_errors(False):
         from tidlq import graph
+        from tidlq.core.params import load_params
 
         files.write_text(output, graph.dvc_yaml_text(load_params(params)))
         console.print(f"wrote {output}")
@@ -258,6 +263,8 @@ def user_errors(verbose: bool) -> Iterator[None]:
 def print_summary(summary: dict[str, Any], up_to_date: bool = False) -> None:
     """The stage table (cached or run, seconds) and the metrics of a run (`up_to_date`: of the run that a no-op
     run matched)."""
+    from tidlq.results.summary import metric_rows
+
     stages = Table(title=f"{summary['model']}: stages" + (" (of the matching run)" if up_to_date else ""))
     for col in ("stage", "status", "seconds"):
         stages.add_column(col, justify="right" if col == "seconds" else "left")
