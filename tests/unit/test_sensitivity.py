@@ -35,10 +35,12 @@ FRAGILE = "features.3.block.0.0"  # a 1x1 expand conv in the middle of mobilenet
 # Layers made fragile on purpose: (preset, layer, the name TIDL gives it: the ReLU6 = Clip it is fused with). With
 # per-tensor weights (qnnpack) one outlier rounds the layer's other weights to zero; with per-channel weights (tidl)
 # only its channel's, which the ReLU6 range clamp then hides, so that preset is shown on the classifier.
+# (preset, layer, its ONNX output, how many times the layer's largest |w| its outlier weight is). The classifier
+# needs a larger outlier: at 50x its gain was 2.45 dB, marginal, on an AMD EPYC host (4.97 dB at 100x).
 FRAGILE_LAYERS = {
-    "pointwise": ("qnnpack", FRAGILE, "/2_4/Clip_output_0"),
-    "depthwise": ("qnnpack", "features.2.block.1.0", "/2_3/Clip_output_0"),
-    "classifier": ("tidl", "classifier", "/classifier/Gemm_output_0"),
+    "pointwise": ("qnnpack", FRAGILE, "/2_4/Clip_output_0", 50.0),
+    "depthwise": ("qnnpack", "features.2.block.1.0", "/2_3/Clip_output_0", 50.0),
+    "classifier": ("tidl", "classifier", "/classifier/Gemm_output_0", 100.0),
 }
 
 
@@ -91,14 +93,15 @@ def healthy(tmp_path_factory: pytest.TempPathFactory, data: Path) -> dict:
 @pytest.fixture(scope="module", params=list(FRAGILE_LAYERS))
 def fragile(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, healthy: dict,
             data: Path) -> dict:
-    """The trained model with one weight of one layer set to 50x the layer's largest |w|, then quantized again."""
-    preset, layer, onnx_output = FRAGILE_LAYERS[request.param]
+    """The trained model with one weight of one layer set to a multiple of the layer's largest |w|, then quantized
+    again."""
+    preset, layer, onnx_output, factor = FRAGILE_LAYERS[request.param]
     tmp = tmp_path_factory.mktemp(f"sens-fragile-{request.param}")
     model = tmp / "model"
     shutil.copytree(healthy["model"], model)
     state = torch.load(model / "float.pt", weights_only=True)
     weight = state[f"{layer}.weight"].view(-1)
-    weight[weight.abs().argmax()] *= 50.0
+    weight[weight.abs().argmax()] *= factor
     torch.save(state, model / "float.pt")
     return quantize(tmp, model, data, preset) | {"layer": layer, "onnx_output": onnx_output}
 
