@@ -27,6 +27,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 stack_app = typer.Typer(help="The local stack: S3 (SeaweedFS), MLflow and Prefect on 127.0.0.1.", no_args_is_help=True,
                         add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(stack_app, name="stack")
+server_app = typer.Typer(help="The local Prefect server that `tidlq run` starts once and reuses (no PREFECT_API_URL).",
+                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(server_app, name="server")
 console = Console()
 errors = Console(stderr=True)
 
@@ -66,6 +69,7 @@ def run(params: ParamsOption = Path("params.yaml"), set_: SetOption = [],  # noq
                              highlight=False, soft_wrap=True)
                 raise typer.Exit(1)
             return
+        use_local_server()
         from flows.quantize import quantize
 
         configure(verbose)
@@ -175,6 +179,39 @@ def stack_status(state_dir: DirOption = DEFAULT_DIR) -> None:
     """Show which services run, their URLs, PIDs and health."""
     with user_errors(False):
         _print_stack(state_dir)
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Whether the local Prefect server runs: its URL and PID."""
+    from infra.local import prefect_server
+
+    server = prefect_server.running(prefect_server.home())
+    console.print(f"the local Prefect server runs at {server.url} (PID {server.pid})" if server else
+                  f"no local Prefect server runs for PREFECT_HOME {prefect_server.home()}", highlight=False)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local Prefect server by its recorded PID; its database stays."""
+    from infra.local import prefect_server
+
+    with user_errors(False):
+        pid = prefect_server.stop(prefect_server.home())
+    console.print(f"stopped the local Prefect server (PID {pid})" if pid else "no local Prefect server was running")
+
+
+def use_local_server() -> None:
+    """Without PREFECT_API_URL, point Prefect at the local server (started now if none runs) instead of a temporary
+    one per command."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from infra.local import prefect_server
+
+    server = prefect_server.ensure(prefect_server.home())
+    os.environ["PREFECT_API_URL"] = server.url
+    console.print(f"Prefect: {'started' if server.started else 'using'} the local server {server.url} (PID "
+                  f"{server.pid}; `tidlq server stop` stops it)", highlight=False, soft_wrap=True, style="dim")
 
 
 def _parse_ports(items: list[str]) -> dict[str, int]:

@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 from tidlq import autopilot
 from tidlq.core.errors import UserError
 from tidlq.core.params import load_params
-from tidlq.results import publish, tracking
+from tidlq.results import flow_runs, publish, tracking
 from tidlq.runner import StageRunner
 
 
@@ -30,6 +30,7 @@ def run_name() -> str:
 @flow(name="quantize", flow_run_name=run_name, log_prints=True)
 def quantize(params_path: str | None = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantize one model as `params_path` (plus dotted `overrides`) says; return the run's summary."""
+    flow_runs.claim_and_close_crashed("quantize")  # killed runs of this host end CRASHED, not RUNNING forever
     p = load_params(params_path, overrides)
     with tags(p.model.display_name, p.quant.mode, p.tidl.target_device), \
             tracking.tracked_run(p, str(flow_run.id), str(flow_run.name)) as run:

@@ -26,6 +26,14 @@ def pytest_configure(config: pytest.Config) -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A `tidlq run` in a subprocess without PREFECT_API_URL starts the local Prefect server of the session's
+    PREFECT_HOME (infra.local.prefect_server): stop it, so that no test leaves a server behind."""
+    from infra.local import prefect_server
+
+    prefect_server.stop(prefect_server.home())
+
+
 # Small and fast, but a real run: every stage executes on real data.
 FAST = {
     "float_train.epochs": 3,

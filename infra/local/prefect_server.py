@@ -1,0 +1,120 @@
+"""The local Prefect server of `tidlq run` when PREFECT_API_URL is not set: one process, started by the first run
+that needs it, found and reused by every later run (however many of them were killed), stopped by
+`tidlq server stop`. Prefect's ephemeral mode would start and stop a server of its own in every command (seconds
+each time) and leave it running as an orphan when the command is SIGKILLed.
+
+It serves the database ephemeral mode uses (`$PREFECT_HOME/prefect.db`) and Prefect's UI (the "View at" link of
+each run), on 127.0.0.1 at the port it had last time when that is free, else a free one; its state is in
+`$PREFECT_HOME/tidlq-server/`: `server.pid` and `server.start` (`infra.local.processes`), `port`, `server.log`.
+Finding it and starting it happen under a lock, so runs started at once share one server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.local import processes
+from infra.local.config import HOST, StackError, port_in_use
+from tidlq.core import files
+
+START_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running local server: its API URL, its PID, and whether this call started it."""
+
+    url: str
+    pid: int
+    started: bool = False
+
+
+def home() -> Path:
+    """PREFECT_HOME, as Prefect reads it (default ~/.prefect)."""
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def state_dir(prefect_home: Path) -> Path:
+    """Where the server's PID, port and log are."""
+    return prefect_home / "tidlq-server"
+
+
+def running(prefect_home: Path) -> Server | None:
+    """The recorded server if its process is the one recorded and its API answers."""
+    state = state_dir(prefect_home)
+    pid, started = processes.recorded(state / "server.pid")
+    if pid is None or not processes.alive(pid, started):
+        return None
+    try:
+        url = f"http://{HOST}:{int((state / 'port').read_text())}/api"
+    except (OSError, ValueError):
+        return None
+    return Server(url, pid) if _healthy(url) else None
+
+
+def ensure(prefect_home: Path, timeout: float = START_TIMEOUT) -> Server:
+    """The running local server, started first when there is none."""
+    state = state_dir(prefect_home)
+    state.mkdir(parents=True, exist_ok=True)
+    with files.lock(state / "server"):
+        found = running(prefect_home)
+        if found is not None:
+            return found
+        processes.stop(state / "server.pid", "the local Prefect server")  # a recorded one that does not answer
+        port = _port(state / "port")
+        cmd = [_prefect(), "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+            "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+        files.write_text(state / "port", f"{port}\n")
+        pid = processes.start(cmd, env, prefect_home, state / "server.log", state / "server.pid")
+        url = f"http://{HOST}:{port}/api"
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            if not processes.alive(pid) or time.monotonic() > deadline:
+                processes.stop(state / "server.pid", "the local Prefect server")
+                raise StackError(f"the local Prefect server (PID {pid}, port {port}) did not come up within "
+                                 f"{timeout:.0f} s; its log: {state / 'server.log'}. Or point PREFECT_API_URL at a "
+                                 "running server.")
+            time.sleep(0.2)
+        return Server(url, pid, started=True)
+
+
+def stop(prefect_home: Path) -> int | None:
+    """Stop the local server (its whole process group); its PID, None if none was running."""
+    state = state_dir(prefect_home)
+    if not state.is_dir():
+        return None
+    with files.lock(state / "server"):
+        return processes.stop(state / "server.pid", "the local Prefect server")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # noqa: S310 - loopback URL we built
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _port(recorded: Path) -> int:
+    """The port of the last server when it is free (a stable UI address), else a free one."""
+    try:
+        last = int(recorded.read_text())
+    except (OSError, ValueError):
+        last = None
+    if last is not None and not port_in_use(last):
+        return last
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _prefect() -> str:
+    from infra.local.stack import executable
+
+    return executable("prefect", "prefect")
