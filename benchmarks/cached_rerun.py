@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TIDLQ = str(Path(sys.executable).with_name("tidlq"))
 
 
-def run_job(code: Path, env: dict[str, str], out: Path, prefect_home: Path, *extra: str) -> dict:
+def run_job(code: Path, env: dict[str, str], out: Path, *extra: str) -> dict:
     """One `tidlq run` of the code in `code` in its own process; wall time and the per-stage times from its
     summary.json (for a no-op run, the matched run's)."""
     started = time.perf_counter()
     done = subprocess.run([TIDLQ, "run", "-p", "params.yaml", "--set", f"output_dir={out}", *extra], cwd=code,
-                          env=env | {"PREFECT_HOME": str(prefect_home)}, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"tidlq run failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
@@ -67,18 +67,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as frozen:
         code, env = snapshot.take(Path(frozen))
         for _ in range(args.repeats):
-            with tempfile.TemporaryDirectory() as tmp:
-                home = Path(tmp) / "prefect"
-                try:
-                    job = (code, env, Path(tmp) / "out", home)
-                    runs["cold"].append(run_job(*job))
-                    runs["no-op"].append(run_job(*job))
-                    runs["forced"].append(run_job(*job, "--force"))
-                    runs["cold, server up"].append(run_job(code, env, Path(tmp) / "out2", home))
-                    helps.append(help_wall(code, env))
-                finally:
-                    subprocess.run([TIDLQ, "server", "stop"], cwd=code, env=env | {"PREFECT_HOME": str(home)},
-                                   capture_output=True, check=True)
+            with tempfile.TemporaryDirectory() as tmp, \
+                    snapshot.prefect_home(code, env, Path(tmp) / "prefect") as job_env:
+                job = (code, job_env, Path(tmp) / "out")
+                runs["cold"].append(run_job(*job))
+                runs["no-op"].append(run_job(*job))
+                runs["forced"].append(run_job(*job, "--force"))
+                runs["cold, server up"].append(run_job(code, job_env, Path(tmp) / "out2"))
+                helps.append(help_wall(code, job_env))
     if not all(r["up_to_date"] for r in runs["no-op"]) or any(r["up_to_date"] for r in runs["forced"]):
         raise RuntimeError("a rerun with nothing changed did not answer 'up to date', or --force did not run the flow")
     med = {k: {m: statistics.median(r[m] for r in rs) for m in ("wall", "stages")} for k, rs in runs.items()}

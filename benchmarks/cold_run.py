@@ -4,9 +4,10 @@ Runs a copy of the code taken at the start (benchmarks/snapshot.py). Each repeat
 (then with `--set quant.mode=qat`) in its own process from nothing (fresh output folder, fresh PREFECT_HOME), and
 reads the per-stage seconds from its summary.json (`stages.<name>.seconds`: each stage's wall time in the flow,
 Prefect task overhead included). Memory, two ways: the peak resident set of the largest single process (`ru_maxrss`
-from `os.wait4`, which covers the command and the children it waited for, such as Prefect's temporary API server),
-and the peak of the summed resident set of the whole process tree, sampled every 50 ms with psutil. Prints median
-tables (and each row's minimum over the repeats: on a shared machine, the least disturbed) and writes
+from `os.wait4`, which covers the command and the children it waited for), and the peak of the summed resident set
+of the whole process tree, sampled every 50 ms with psutil (the local Prefect server that the run starts is in the
+tree while the run lasts). Each repeat has a fresh PREFECT_HOME, so each run starts that server (stopped after).
+Prints median tables (and each row's minimum over the repeats: on a shared machine, the least disturbed) and writes
 benchmarks/results/cold_run.json. Not a test.
 
     .venv/bin/python benchmarks/cold_run.py [--repeats 3] [--keep outputs/bench]
@@ -55,7 +56,6 @@ def tree_rss(proc: psutil.Process) -> int:
 def run_job(code: Path, env: dict[str, str], tmp: Path, extra: list[str]) -> dict:
     """One cold `tidlq run` of the code in `code` in its own process: wall seconds, per-stage seconds, peak memory
     (MiB)."""
-    env = env | {"PREFECT_HOME": str(tmp / "prefect")}
     log = tmp / "log.txt"
     with log.open("wb") as sink:
         started = time.perf_counter()
@@ -125,8 +125,9 @@ def main() -> None:
         code, env = snapshot.take(Path(frozen))
         for _ in range(args.repeats):  # modes alternate, so that a burst of load hits both
             for mode, extra in MODES.items():
-                with tempfile.TemporaryDirectory() as tmp:
-                    runs[mode].append(run_job(code, env, Path(tmp), extra))
+                with tempfile.TemporaryDirectory() as tmp, \
+                        snapshot.prefect_home(code, env, Path(tmp) / "prefect") as job_env:
+                    runs[mode].append(run_job(code, job_env, Path(tmp), extra))
                     if args.keep and mode == "ptq":
                         shutil.rmtree(args.keep, ignore_errors=True)
                         shutil.copytree(Path(tmp) / "out" / "mobilenet_v2_tiny", args.keep)

@@ -42,12 +42,13 @@ MODELS = {"float": "float.onnx", "qdq": "model_qdq.onnx"}
 
 
 def run_default_job(tmp: Path) -> Path:
-    """`tidlq run` with the default params into `tmp` (a copy of the code, ephemeral Prefect, fresh PREFECT_HOME);
-    the model folder."""
+    """`tidlq run` with the default params into `tmp` (a copy of the code, fresh PREFECT_HOME and its local Prefect
+    server, stopped after); the model folder."""
     code, env = snapshot.take(tmp / "code")
-    done = subprocess.run([TIDLQ, "run", "-p", "params.yaml", "--set", f"output_dir={tmp / 'out'}",
-                           "--set", "sensitivity.enabled=false", "--set", "verify.baseline=none"],
-                          cwd=code, env=env | {"PREFECT_HOME": str(tmp / "prefect")}, capture_output=True, text=True)
+    with snapshot.prefect_home(code, env, tmp / "prefect") as job_env:
+        done = subprocess.run([TIDLQ, "run", "-p", "params.yaml", "--set", f"output_dir={tmp / 'out'}",
+                               "--set", "sensitivity.enabled=false", "--set", "verify.baseline=none"],
+                              cwd=code, env=job_env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"tidlq run failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
     return tmp / "out" / "mobilenet_v2_tiny"

@@ -6,9 +6,13 @@ run): the benchmark runs `tidlq` from a copy taken when it started, with that co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -30,8 +34,18 @@ def take(dest: Path) -> tuple[Path, dict[str, str]]:
         with closing(sqlite3.connect(ROOT / "mlflow.db")) as src, closing(sqlite3.connect(dest / "mlflow.db")) as copy:
             src.backup(copy)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(dest), os.environ.get("PYTHONPATH")]))}
-    env.pop("PREFECT_API_URL", None)  # ephemeral mode, as `make run`
-    # Prefect gives its temporary server 20 s to start; on a loaded machine that is not enough (measured)
-    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    env.pop("PREFECT_API_URL", None)  # the local Prefect server of PREFECT_HOME, as `make run`
     env.pop("MLFLOW_TRACKING_URI", None)  # the copied SQLite store in `dest`
     return dest, env
+
+
+@contextlib.contextmanager
+def prefect_home(code: Path, env: dict[str, str], home: Path) -> Iterator[dict[str, str]]:
+    """`env` with PREFECT_HOME `home`; on the way out, `tidlq server stop` stops the local Prefect server that a run
+    started for it (a benchmark leaves no server behind)."""
+    env = env | {"PREFECT_HOME": str(home)}
+    try:
+        yield env
+    finally:
+        subprocess.run([str(Path(sys.executable).with_name("tidlq")), "server", "stop"], cwd=code, env=env,
+                       capture_output=True, check=True)

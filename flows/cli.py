@@ -74,7 +74,7 @@ def run(params: ParamsOption = Path("params.yaml"), set_: SetOption = [],  # noq
 
         configure(verbose)
         try:
-            with writing_into(p.output_dir, "set output_dir to another folder"), patient_prefect():
+            with writing_into(p.output_dir, "set output_dir to another folder"):
                 summary = quantize(str(params), overrides)
         except GateFailed as exc:
             print_summary(files.read_json(p.model_dir / "summary.json"))

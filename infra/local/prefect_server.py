@@ -60,28 +60,38 @@ def running(prefect_home: Path) -> Server | None:
 def ensure(prefect_home: Path, timeout: float = START_TIMEOUT) -> Server:
     """The running local server, started first when there is none."""
     state = state_dir(prefect_home)
-    state.mkdir(parents=True, exist_ok=True)
-    with files.lock(state / "server"):
-        found = running(prefect_home)
-        if found is not None:
-            return found
-        processes.stop(state / "server.pid", "the local Prefect server")  # a recorded one that does not answer
-        port = _port(state / "port")
-        cmd = [_prefect(), "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
-            "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-        files.write_text(state / "port", f"{port}\n")
-        pid = processes.start(cmd, env, prefect_home, state / "server.log", state / "server.pid")
-        url = f"http://{HOST}:{port}/api"
-        deadline = time.monotonic() + timeout
-        while not _healthy(url):
-            if not processes.alive(pid) or time.monotonic() > deadline:
-                processes.stop(state / "server.pid", "the local Prefect server")
-                raise StackError(f"the local Prefect server (PID {pid}, port {port}) did not come up within "
-                                 f"{timeout:.0f} s; its log: {state / 'server.log'}. Or point PREFECT_API_URL at a "
-                                 "running server.")
-            time.sleep(0.2)
-        return Server(url, pid, started=True)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        with files.lock(state / "server"):
+            return _find_or_start(prefect_home, state, timeout)
+    except OSError as exc:
+        raise StackError(f"the local Prefect server needs a writable PREFECT_HOME ({prefect_home}): "
+                         f"{exc.strerror or exc}. Set PREFECT_HOME to a writable folder, or PREFECT_API_URL to a "
+                         "running server.") from exc
+
+
+def _find_or_start(prefect_home: Path, state: Path, timeout: float) -> Server:
+    found = running(prefect_home)
+    if found is not None:
+        return found
+    processes.stop(state / "server.pid", "the local Prefect server")  # a recorded one that does not answer
+    port = _port(state / "port")
+    cmd = [_prefect(), "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    files.write_text(state / "port", f"{port}\n")
+    pid = processes.start(cmd, env, prefect_home, state / "server.log", state / "server.pid")
+    url = f"http://{HOST}:{port}/api"
+    deadline = time.monotonic() + timeout
+    while not _healthy(url):
+        exited = not processes.alive(pid)
+        if exited or time.monotonic() > deadline:
+            processes.stop(state / "server.pid", "the local Prefect server")
+            what = "exited before it answered" if exited else f"did not answer within {timeout:.0f} s"
+            raise StackError(f"the local Prefect server (PID {pid}, port {port}) {what}; its log: "
+                             f"{state / 'server.log'}. Or point PREFECT_API_URL at a running server.")
+        time.sleep(0.2)
+    return Server(url, pid, started=True)
 
 
 def stop(prefect_home: Path) -> int | None:
