@@ -79,9 +79,9 @@ def _mlflow_command(state_dir: Path, config: Mapping[str, Any]) -> tuple[list[st
 
 
 def _prefect_command(state_dir: Path, config: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """`prefect server start` without UI and analytics; its database in <state>/prefect (PREFECT_HOME)."""
+    """`prefect server start` with its UI, without analytics; its database in <state>/prefect (PREFECT_HOME)."""
     cmd = [executable("prefect", "prefect"), "server", "start", "--host", HOST,
-           "--port", str(config["ports"]["prefect"]), "--no-ui", "--analytics-off"]
+           "--port", str(config["ports"]["prefect"]), "--analytics-off"]
     env = {"PREFECT_HOME": str(state_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     return cmd, _base_env() | env
 

@@ -73,6 +73,23 @@ def test_adhoc_deployment_run_completes_and_is_tracked(deployed, tmp_path: Path)
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"] == flow_run_id
     assert run.data.tags["prefect.flow_run_name"].startswith("mobilenet_v2_tiny-ptq-am68a-")
+    artifacts = flow_run_artifacts(deployed, flow_run_id)
+    rows = {r["metric"]: r["value"] for r in json.loads(artifacts["mobilenet-v2-tiny-result"].data)}
+    assert rows["int8 logit SQNR (dB)"] == f"{summary['int8']['sqnr_db']:.1f}" and rows["gate"] == "passed"
+    mlflow_url = f"{deployed['MLFLOW_TRACKING_URI']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert artifacts["mobilenet-v2-tiny-mlflow-run"].data == f"[MLflow run {run.info.run_id}]({mlflow_url})"
+
+
+def flow_run_artifacts(env: dict[str, str], flow_run_id: str) -> dict:
+    """The Prefect artifacts of a flow run, by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        found = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: a for a in found}
 
 
 def test_bad_param_fails_before_any_work_with_the_reason_in_the_state(deployed, tmp_path: Path) -> None:

@@ -140,6 +140,8 @@ def test_prefect_api_is_healthy(env: dict[str, str]) -> None:
     response = httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=10)
     assert response.status_code == 200
     assert response.json() is True
+    ui = httpx.get(env["PREFECT_API_URL"].removesuffix("/api"), timeout=10)  # the UI is served too
+    assert ui.status_code == 200 and "<title>Prefect" in ui.text
 
 
 def test_every_listening_socket_is_on_loopback_and_pinned(state_dir: Path, env: dict[str, str]) -> None:

@@ -2,6 +2,9 @@
 and the report, the MLflow run (params, metrics, artifacts, registered model), and the S3 copy. Never cached: it is
 the run's side effect, and what a person or a script reads after a run.
 
+The flow run gets Prefect artifacts (its Artifacts tab): the key numbers as a table, links to the MLflow run and
+the S3 copy.
+
 The folder holds `summary.json`, `model_qdq.onnx`, `float.onnx`, `float.pt`, `int8.pt`, `params.json` (the
 validated params of the run), `tidl/` (the bundle) and the report; it is replaced in one rename. After tracking
 and the S3 upload, `<model>.published.json` beside it records them for the next run's up-to-date check
@@ -11,6 +14,7 @@ Two runs of one model publish one after the other (a lock beside the folder).
 
 from __future__ import annotations
 
+import re
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from tidlq.core import files
 from tidlq.core.errors import GateFailed
 from tidlq.results import report, storage, tracking, uptodate
-from tidlq.results.summary import artifact_paths, build_summary, histories
+from tidlq.results.summary import artifact_paths, build_summary, histories, metric_rows
 
 if TYPE_CHECKING:
     from tidlq.core.params import Params
@@ -52,8 +56,31 @@ def publish(params: Params, outcome: Outcome, run: tracking.TrackedRun,
         tracking.track_task(run, params, summary, folder, histories(outcome.manifests))
         if dest is not None:
             storage.upload_task(dest, folder)
+        flow_run_artifacts(summary, run)
         uptodate.record(params, summary)  # last: what the next `tidlq run` checks (not uploaded)
     return summary
+
+
+def flow_run_artifacts(summary: dict[str, Any], run: tracking.TrackedRun) -> None:
+    """What the Prefect UI shows on the flow run's Artifacts tab: the table of key numbers (the command line's), and
+    links to the MLflow run (on a tracking server) and to the S3 copy."""
+    from prefect.artifacts import create_link_artifact, create_table_artifact
+
+    key = re.sub(r"[^a-z0-9-]+", "-", summary["model"].lower()).strip("-") or "model"
+    create_table_artifact([{"metric": label, "value": value} for label, value in metric_rows(summary)],
+                          key=f"{key}-result", description=f"{summary['model']}: {summary['mode']} / "
+                          f"{summary['qconfig']} / {summary['target_device']}, gate "
+                          f"{'passed' if summary['gate']['passed'] else 'failed'}")
+    if run.url:
+        create_link_artifact(run.url, link_text=f"MLflow run {run.run_id}", key=f"{key}-mlflow-run")
+    if summary["run"]["s3_uri"]:
+        create_link_artifact(summary["run"]["s3_uri"], link_text=summary["run"]["s3_uri"], key=f"{key}-s3")
+    from prefect import get_run_logger
+
+    get_run_logger().info(
+        f"{summary['model']}: int8 accuracy {summary['int8']['accuracy']:.2f} % (drop {summary['accuracy_drop']:.2f} "
+        f"points), SQNR {summary['int8']['sqnr_db']:.1f} dB, gate {'passed' if summary['gate']['passed'] else 'FAILED'}"
+        f"; MLflow run {run.url or run.run_id or '-'}; S3 {summary['run']['s3_uri'] or '-'}")
 
 
 def check_gate(summary: dict[str, Any], params: Params) -> None:

@@ -47,6 +47,14 @@ class TrackedRun:
     run_id: str | None
     flow_run_id: str
     warning: str | None = None
+    experiment_id: str | None = None
+
+    @property
+    def url(self) -> str | None:
+        """The run's page in the MLflow UI (a tracking server only; None for a SQLite store or without tracking)."""
+        if self.run_id is None or self.experiment_id is None or not self.uri.startswith(("http://", "https://")):
+            return None
+        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
 
 def check_server(uri: str) -> None:
@@ -99,7 +107,7 @@ def start(params: Params, flow_run_id: str, flow_run_name: str) -> TrackedRun:
             "params_digest": files.sha256_json(flatten(params)), **library_tags()}
     close_orphans(client, experiment_id)
     run = client.create_run(experiment_id, run_name=name, tags=tags)
-    return TrackedRun(uri, run.info.run_id, flow_run_id)
+    return TrackedRun(uri, run.info.run_id, flow_run_id, experiment_id=experiment_id)
 
 
 def close_orphans(client: Any, experiment_id: str) -> list[str]:
