@@ -67,8 +67,8 @@ def test_a_publish_matches_until_anything_it_depends_on_changes(params: Params, 
     assert uptodate.check(params) == summary
 
 
-@pytest.mark.parametrize("damage", ["stage file", "stage folder", "published file", "record", "mlflow run",
-                                    "tracking uri", "untracked"])
+@pytest.mark.parametrize("damage", ["stage file", "stage folder", "published file", "record", "publish code",
+                                    "mlflow run", "tracking uri", "untracked"])
 def test_damage_means_running_again(params: Params, mlflow_run: str, damage: str, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     publish(params, None if damage == "untracked" else mlflow_run)
@@ -82,6 +82,8 @@ def test_damage_means_running_again(params: Params, mlflow_run: str, damage: str
         (params.model_dir / "model_qdq.onnx").write_bytes(b"edited")
     elif damage == "record":
         record.write_text(json.dumps({"files": {}}))
+    elif damage == "publish code":  # as if tidlq.results.publish or a module it imports had changed since
+        record.write_text(json.dumps(json.loads(record.read_text()) | {"code": "0" * 64}))
     elif damage == "mlflow run":
         from mlflow import MlflowClient
 

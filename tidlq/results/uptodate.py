@@ -6,7 +6,8 @@ S3 bucket and endpoint), the MLflow run and S3 URI, and the SHA-256 of every pub
 up to date when
 - every stage folder the run needs (the autopilot's recipes included) is present and intact (`tidlq.runner.Probe`);
 - the published summary was built from those stage keys and from the same params (its `params_digest`);
-- the published files are the ones recorded, and the record's targets are the current ones;
+- the published files are the ones recorded, the record's targets are the current ones, and so is the code that
+  publishes (`tidlq.results.publish` and the project modules it imports: a changed report is work to do);
 - the recorded MLflow run still exists (a publish without tracking never counts: every run is tracked once).
 
 The record is written last and names the digests of the folder it describes, so a publish that died half-way (a new
@@ -25,10 +26,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tidlq.core import files
+from tidlq.core import cache, files
 from tidlq.core.params import Params, flatten
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+PUBLISH_CODE = "tidlq.results.publish"  # the code of a publish (summary, report, tracking, S3) is part of the match
 
 
 def tracking_uri() -> str:
@@ -49,7 +51,8 @@ def targets(params: Params) -> dict[str, str | None]:
 def record(params: Params, summary: dict[str, Any]) -> None:
     """Write the record of a publish beside the model's output folder: the last step of a publish."""
     folder = params.model_dir.resolve()
-    files.write_json(record_path(folder), {"targets": targets(params), **summary["run"], "files": digests(folder)})
+    files.write_json(record_path(folder), {"targets": targets(params), **summary["run"], "files": digests(folder),
+                                           "code": cache.code_digest(PUBLISH_CODE)})
 
 
 def record_path(folder: Path) -> Path:
@@ -77,6 +80,7 @@ def check(params: Params) -> dict[str, Any] | None:
             and summary.get("params_digest") == files.sha256_json(flatten(params))
             and rec.get("targets") == targets(params)
             and rec.get("files") == digests(folder)
+            and rec.get("code") == cache.code_digest(PUBLISH_CODE)
             and rec.get("mlflow_run_id") is not None
             and run_exists(rec["targets"]["mlflow"], rec["mlflow_run_id"]))
     return summary if same else None
