@@ -100,7 +100,7 @@ def main() -> None:
         table.add_row(label, f"{med[key]['wall']:.2f}", "-" if key == "no-op" else f"{med[key]['stages']:.2f}",
                       "-" if outside is None else f"{outside:.2f}", f"{result['ratio_to_cold'][key]:.1%}")
     table.add_row("tidlq --help", f"{result['help']:.2f}", "-", "-", "-")
-    Console().print(table)
+    Console(width=140).print(table)
     print(f"stages cached on the forced rerun: {result['forced_cached_stages']} of {result['stages_per_run']}")
     out = ROOT / "benchmarks" / "results" / "cached_rerun.json"
     out.parent.mkdir(exist_ok=True)
