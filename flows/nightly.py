@@ -1,6 +1,7 @@
 """The nightly over a model zoo: one `quantize` deployment run per model, at most `nightly.max_parallel` in flight
 (Prefect spreads them over whatever workers serve the pool), then each result judged against its champion
-(`tidlq.results.nightly`) and a report in the nightly's own MLflow run. One model failing does not stop the others;
+(`tidlq.results.nightly`), a table artifact on the nightly's flow run (failures and regressions first, each model
+linked to its flow run) and a report in the nightly's own MLflow run. One model failing does not stop the others;
 the nightly fails at the end, naming every model that failed or regressed.
 """
 
@@ -10,8 +11,10 @@ import asyncio
 from typing import Any
 
 from prefect import flow
+from prefect.artifacts import acreate_markdown_artifact
 from prefect.deployments import arun_deployment
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 
 from tidlq.core.params import NightlyParams, load_params
 from tidlq.results import nightly as zoo
@@ -25,6 +28,10 @@ async def nightly(params_path: str = "params.yaml") -> list[dict[str, Any]]:
     models = zoo.entries(params_path, p.nightly)
     runs = await run_all(models, params_path, p.nightly)
     results = zoo.judge_all(models, runs, p.nightly)
+    bad = sum(r["status"] in ("failed", "regressed") for r in results)
+    await acreate_markdown_artifact(nightly_report.flow_run_markdown(results, get_current_settings().ui_url),
+                                    key="nightly-result",
+                                    description=f"{len(results)} models, {bad} failed or regressed")
     nightly_report.log(tracking.tracking_uri(), p.nightly.experiment, results, p.nightly.history, str(flow_run.id))
     zoo.check(results)
     return results

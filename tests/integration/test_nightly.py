@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -128,6 +129,22 @@ def test_each_model_runs_as_its_own_flow_run_on_both_workers(zoo: dict) -> None:
     assert keys <= stored  # every stage's cache record is in the shared S3 result storage
     nights = client.search_runs([client.get_experiment_by_name("it-zoo-nightly").experiment_id])
     assert {a.path for a in client.list_artifacts(nights[0].info.run_id)} >= {"nightly_report.md", "nightly.png"}
+    table = latest_artifact(zoo["env"], "nightly-result")  # on the nightly's flow run: each model, linked
+    ui = zoo["env"]["PREFECT_API_URL"].removesuffix("/api")
+    for r in results:
+        assert f"| [{r['name']}]({ui}/runs/flow-run/{r['flow_run_id']}) | first |" in table.data
+    assert table.description == "3 models, 0 failed or regressed"
+
+
+def latest_artifact(env: dict[str, str], key: str) -> Any:
+    """The newest Prefect artifact with `key`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with on_stack(env), get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                     sort=ArtifactSort.CREATED_DESC, limit=1)[0]
 
 
 def test_a_rerun_is_all_cache_hits_whichever_worker_runs_it(zoo: dict) -> None:

@@ -65,6 +65,16 @@ def markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n\n![accuracy drop per night](nightly.png)\n"
 
 
+def flow_run_markdown(results: list[dict[str, Any]], ui_url: str | None) -> str:
+    """The nightly's table for its Prefect flow run's Artifacts tab: failed and regressed models first, each model
+    linked to its quantize flow run in the Prefect UI (`ui_url`, when there is one)."""
+    order = {"failed": 0, "regressed": 1}
+    rows = sorted(results, key=lambda r: order.get(r["status"], 2))
+    if ui_url:
+        rows = [r | {"name": f"[{r['name']}]({ui_url.rstrip('/')}/runs/flow-run/{r['flow_run_id']})"} for r in rows]
+    return markdown(rows).split("\n\n![")[0] + "\n"
+
+
 def plot(nights: list[dict[str, float | None]], path: Path) -> None:
     """Accuracy drop per model across the nights (oldest left)."""
     fig = Figure(figsize=(6, 3.5))
