@@ -6,10 +6,10 @@ The flow run gets Prefect artifacts (its Artifacts tab): the key numbers as a ta
 the S3 copy.
 
 The folder holds `summary.json`, `model_qdq.onnx`, `float.onnx`, `float.pt`, `int8.pt`, `params.json` (the
-validated params of the run), `tidl/` (the bundle) and the report; it is replaced in one rename. After tracking
-and the S3 upload, `<model>.published.json` beside it records them for the next run's up-to-date check
+validated params of the run), `tidl/` (the bundle) and the report; it is replaced in one rename. Two runs of one
+model publish one after the other (a lock beside the folder). Last, after tracking and the S3 upload,
+`<model>.published.json` beside the folder records the publish for the next run's up-to-date check
 (`tidlq.results.uptodate`).
-Two runs of one model publish one after the other (a lock beside the folder).
 """
 
 from __future__ import annotations
