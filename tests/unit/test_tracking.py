@@ -131,3 +131,24 @@ def test_unreachable_server_fails_fast_or_warns(monkeypatch: pytest.MonkeyPatch)
         tracking.start(load_params(None), "id", "name")
     run = tracking.start(load_params(None, {"tracking.required": False}), "id", "name")
     assert run.run_id is None and "Running without tracking" in run.warning
+
+
+def test_an_experiment_created_meanwhile_by_another_run_is_used() -> None:
+    """Two workers starting runs of one new experiment at once: the one that loses the creation uses the winner's."""
+    from mlflow import MlflowClient
+
+    uri = tracking.tracking_uri()
+    winner = MlflowClient(uri).create_experiment("created-meanwhile")
+
+    class LookedTooEarly(MlflowClient):
+        """Its first lookup happened before the other run created the experiment."""
+
+        looked = False
+
+        def get_experiment_by_name(self, name: str):  # noqa: ANN202 - MlflowClient's
+            if not self.looked:
+                self.looked = True
+                return None
+            return super().get_experiment_by_name(name)
+
+    assert tracking.ensure_experiment(LookedTooEarly(uri), "created-meanwhile", uri) == winner

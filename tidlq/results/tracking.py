@@ -127,11 +127,19 @@ def close_orphans(client: Any, experiment_id: str) -> list[str]:
 
 
 def ensure_experiment(client: Any, name: str, uri: str) -> str:
-    """The id of experiment `name`, created (with local artifacts beside an SQLite store) when missing."""
+    """The id of experiment `name`, created (with local artifacts beside an SQLite store) when missing; when two runs
+    create it at once, both get the one that won."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=local_artifact_root(uri))
+    try:
+        return client.create_experiment(name, artifact_location=local_artifact_root(uri))
+    except MlflowException as exc:  # another run (a second worker, say) created it since we looked
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or (experiment := client.get_experiment_by_name(name)) is None:
+            raise
+        return experiment.experiment_id
 
 
 def local_artifact_root(uri: str) -> str | None:
