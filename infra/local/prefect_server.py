@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.local import processes
+from infra.local import processes, stack
 from infra.local.config import HOST, StackError, port_in_use
 from tidlq.core import files
 
@@ -76,9 +75,7 @@ def _find_or_start(prefect_home: Path, state: Path, timeout: float) -> Server:
         return found
     processes.stop(state / "server.pid", "the local Prefect server")  # a recorded one that does not answer
     port = _port(state / "port")
-    cmd = [_prefect(), "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
-        "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    cmd, env = stack.prefect_server_command(prefect_home, port)
     files.write_text(state / "port", f"{port}\n")
     pid = processes.start(cmd, env, prefect_home, state / "server.log", state / "server.pid")
     url = f"http://{HOST}:{port}/api"
@@ -104,11 +101,7 @@ def stop(prefect_home: Path) -> int | None:
 
 
 def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # noqa: S310 - loopback URL we built
-            return response.status == 200
-    except OSError:
-        return False
+    return stack.http_ok(f"{url}/health")
 
 
 def _port(recorded: Path) -> int:
@@ -122,9 +115,3 @@ def _port(recorded: Path) -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         return probe.getsockname()[1]
-
-
-def _prefect() -> str:
-    from infra.local.stack import executable
-
-    return executable("prefect", "prefect")

@@ -79,10 +79,15 @@ def _mlflow_command(state_dir: Path, config: Mapping[str, Any]) -> tuple[list[st
 
 
 def _prefect_command(state_dir: Path, config: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """`prefect server start` with its UI, without analytics; its database in <state>/prefect (PREFECT_HOME)."""
-    cmd = [executable("prefect", "prefect"), "server", "start", "--host", HOST,
-           "--port", str(config["ports"]["prefect"]), "--analytics-off"]
-    env = {"PREFECT_HOME": str(state_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    """The stack's Prefect server: its database in <state>/prefect (PREFECT_HOME)."""
+    return prefect_server_command(state_dir / "prefect", config["ports"]["prefect"])
+
+
+def prefect_server_command(prefect_home: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """`prefect server start` on 127.0.0.1:`port` with its UI, without analytics, serving `prefect_home`'s database
+    (the stack's, and `tidlq run`'s local server, `infra.local.prefect_server`)."""
+    cmd = [executable("prefect", "prefect"), "server", "start", "--host", HOST, "--port", str(port), "--analytics-off"]
+    env = {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     return cmd, _base_env() | env
 
 
@@ -107,7 +112,7 @@ def ensure_bucket(env: Mapping[str, str]) -> None:
             raise
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     """Whether GET `url` answers 200 within 2 s."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - a loopback http URL we built
@@ -140,7 +145,7 @@ def healthy(name: str, config: Mapping[str, Any]) -> bool:
             return False
         return _weed_has_volume_server(config)
     url = f"{env['MLFLOW_TRACKING_URI']}/health" if name == "mlflow" else f"{env['PREFECT_API_URL']}/health"
-    return _http_ok(url)
+    return http_ok(url)
 
 
 def pid_file(state_dir: Path | str, name: str) -> Path:

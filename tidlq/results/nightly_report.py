@@ -51,8 +51,9 @@ def previous_nights(client: Any, experiment_id: str, count: int) -> list[dict[st
             for r in reversed(runs)]
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
-    """The nightly's table: every model, its numbers, its champion's, and the verdict with reasons."""
+def markdown(results: list[dict[str, Any]], picture: bool = True) -> str:
+    """The nightly's table: every model, its numbers, its champion's, and the verdict with reasons; then the plot
+    (`picture`: the MLflow report's `nightly.png`)."""
     lines = ["# Nightly", "", "| model | status | int8 accuracy (%) | drop | SQNR (dB) | champion | reasons |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -62,7 +63,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         sqnr = f"{r['sqnr_db']:.1f}" if r.get("sqnr_db") is not None else "-"
         lines.append(f"| {r['name']} | {r['status']} | {numbers[0]} | {numbers[1]} | {sqnr} | {champ_text} | "
                      f"{'; '.join(r.get('reasons', []))} |")
-    return "\n".join(lines) + "\n\n![accuracy drop per night](nightly.png)\n"
+    return "\n".join(lines) + ("\n\n![accuracy drop per night](nightly.png)\n" if picture else "\n")
 
 
 def flow_run_markdown(results: list[dict[str, Any]], ui_url: str | None) -> str:
@@ -72,7 +73,7 @@ def flow_run_markdown(results: list[dict[str, Any]], ui_url: str | None) -> str:
     rows = sorted(results, key=lambda r: order.get(r["status"], 2))
     if ui_url:
         rows = [r | {"name": f"[{r['name']}]({ui_url.rstrip('/')}/runs/flow-run/{r['flow_run_id']})"} for r in rows]
-    return markdown(rows).split("\n\n![")[0] + "\n"
+    return markdown(rows, picture=False)
 
 
 def plot(nights: list[dict[str, float | None]], path: Path) -> None:
