@@ -68,7 +68,8 @@ def power_of_2_result(p: Params, model: Path, data: Path, float_eval: Path, tmp:
 def compare_model(p: Params, data: Path, tmp: Path) -> dict:
     """Float model, our PTQ and the onnxruntime baseline for `p.model`; the numbers of both side by side."""
     model = stage(tmp, "model", lambda o: float_model.run(p.model, p.float_train, data, o))
-    float_eval = stage(tmp, "float", lambda o: evaluate_float.run(p.export, model, data, o))
+    float_eval = stage(tmp, "float",
+                       lambda o: evaluate_float.run(p.export, p.verify.min_float_accuracy, model, data, o))
     prepared, _, v = ptq(p, p.quant, p.tidl.target_device, model, data, float_eval, tmp / "default")
     base = stage(tmp, "baseline", lambda o: baseline_ort.run(p.quant.batch_size, p.quant.calibration_batches,
                                                                   float_eval, data, o))

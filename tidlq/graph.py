@@ -68,7 +68,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("prepare_data", ("data",), fingerprint="data.source"),
     Stage("float_model", ("model", "float_train"), ("prepare_data",), fingerprint="model.weights"),
-    Stage("evaluate_float", ("export",), ("float_model", "prepare_data")),
+    Stage("evaluate_float", ("export", "verify.min_float_accuracy"), ("float_model", "prepare_data")),
     Stage("baseline_ort", ("quant.batch_size", "quant.calibration_batches"), ("evaluate_float", "prepare_data"),
           switch=Switch("verify.baseline", "ort")),
     Stage("calibrate", ("quant", "tidl.target_device"), ("float_model", "prepare_data"),

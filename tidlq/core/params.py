@@ -141,6 +141,9 @@ class VerifyParams(Section):
     """The quality gate on the exported QDQ model in onnxruntime."""
 
     max_accuracy_drop: float = Field(1.0, ge=0, description="points of accuracy the int8 model may lose")
+    min_float_accuracy: float | None = Field(None, ge=0, le=100, description="stop before quantizing when the "
+                                             "float model's val accuracy (%) is below this; empty: chance level "
+                                             "(the most frequent class's share) + 10 % of the way to 100; 0: off")
     min_sqnr_db: float = Field(20.0, description="minimum SQNR of int8 logits against float logits, in dB")
     max_tidl_rejects: int | None = Field(0, ge=0, description="fail the gate when the TIDL lint finds more "
                                          "findings that make TIDL reject the model (0: none allowed; empty: no limit)")
