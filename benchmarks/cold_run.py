@@ -53,9 +53,9 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_job(code: Path, env: dict[str, str], tmp: Path, extra: list[str]) -> dict:
+def run_job(code: Path, env: dict[str, str], tmp: Path, extra: list[str], model: str = "mobilenet_v2_tiny") -> dict:
     """One cold `tidlq run` of the code in `code` in its own process: wall seconds, per-stage seconds, peak memory
-    (MiB)."""
+    (MiB). `model`: the model name the params give (where its summary.json lands)."""
     log = tmp / "log.txt"
     with log.open("wb") as sink:
         started = time.perf_counter()
@@ -72,7 +72,7 @@ def run_job(code: Path, env: dict[str, str], tmp: Path, extra: list[str]) -> dic
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"tidlq run {' '.join(extra)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
-    summary = json.loads((tmp / "out" / "mobilenet_v2_tiny" / "summary.json").read_text())
+    summary = json.loads((tmp / "out" / model / "summary.json").read_text())
     return {"wall": wall, "stages": {k: v["seconds"] for k, v in summary["stages"].items()},
             "cached": sum(v["cached"] for v in summary["stages"].values()),
             "max_process_rss_mib": usage.ru_maxrss / 1024, "tree_peak_rss_mib": tree_peak / 2**20}

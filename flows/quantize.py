@@ -35,7 +35,7 @@ def quantize(params_path: str | None = "params.yaml", overrides: dict[str, Any] 
     with tags(p.model.display_name, p.quant.mode, p.tidl.target_device), \
             tracking.tracked_run(p, str(flow_run.id), str(flow_run.name)) as run:
         destination = publish.destination(p, run)  # S3 checked before any work
-        stages = StageRunner(p.stage_root)
+        stages = StageRunner(p.stage_root, p.autopilot.max_parallel)
         outcome = autopilot.search(stages, p) if p.quant.mode == "auto" else stages.outcome(p)
         summary = publish.publish(p, outcome, run, destination)
         publish.check_gate(summary, p)

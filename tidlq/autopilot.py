@@ -35,8 +35,9 @@ class Candidate:
 
 
 def search(stages: StageRunner, params: Params) -> Outcome:
-    """Run the grid's recipes side by side up to their verification, keep the best (QAT from the best PTQ recipe when
-    none passes the gate), and build the rest of the pipeline for the winner; its outcome, with the choice and why."""
+    """Run the grid's recipes (stage by stage, `autopilot.max_parallel` at a time) up to their verification, keep
+    the best (QAT from the best PTQ recipe when none passes the gate), and build the rest of the pipeline for the
+    winner; its outcome, with the choice and why."""
     candidates = grid(params.quant, params.autopilot)
     built = stages.run([with_recipe(params, c) for c in candidates], until=LAST, labels=[c.label for c in candidates])
     choice = choose(candidates, [verified(m) for m in built], candidates[0].label)

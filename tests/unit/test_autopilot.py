@@ -15,7 +15,7 @@ def test_grid_starts_with_the_params_recipe_and_has_no_duplicates() -> None:
     grid = autopilot.grid(QuantParams(mode="auto"), AutopilotParams())
     labels = [c.label for c in grid]
     assert labels == ["tidl-histogram", "tidl-histogram-bc", "tidl-minmax", "tidl-minmax-bc",
-                      "tidl-percentile99.99", "tidl-percentile99.99-bc"]
+                      "tidl-percentile99.999", "tidl-percentile99.999-bc"]
     assert all(c.quant.mode == "ptq" for c in grid)
     custom = autopilot.grid(QuantParams(qconfig="x86", observer="moving_average"),
                             AutopilotParams(presets=["tidl", "qnnpack"], observers=["minmax"], bias_correction=[False]))

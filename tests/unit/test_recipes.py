@@ -89,6 +89,24 @@ def test_percentile_observer_clips_outliers() -> None:
     assert clip_scale == pytest.approx(2.0 / 255, rel=0.05)
 
 
+def test_percentile_observer_takes_the_percentile_of_magnitudes_over_batches() -> None:
+    """As onnxruntime's and TensorRT's percentile calibration: the 99.9th percentile of |x| over all batches (later
+    batches widen the range, which re-bins the earlier ones), clamped to the observed min and max."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(50_000, generator=gen) * sigma for sigma in (0.5, 1.0, 2.0)]
+    observer = observers.PercentileObserver(percentile=99.9)
+    for batch in batches:
+        observer(batch)
+    expected = float(np.percentile(torch.cat(batches).abs().numpy(), 99.9))
+    scale, zero = observer.calculate_qparams()
+    bin_width = float(observer.magnitude) / observer.bins
+    assert float(scale) * 255 / 2 == pytest.approx(expected, abs=bin_width)  # [-threshold, threshold]
+    assert int(zero) == 128
+    relu = observers.PercentileObserver(percentile=99.99)
+    relu(torch.rand(10_000, generator=gen) * 3)  # never negative: [0, threshold], zero point 0
+    assert int(relu.calculate_qparams()[1]) == 0
+
+
 def test_power_of_two_rounds_scales_up() -> None:
     observer = observers.PowerOf2MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
     observer(torch.tensor([0.0, 3.0]))

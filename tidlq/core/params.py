@@ -100,7 +100,8 @@ class QuantParams(Section):
                                                        "symmetric on tda4vm/am68pa; qnnpack; x86")
     observer: Literal["histogram", "minmax", "moving_average", "percentile"] = Field(
         "histogram", description="PTQ activation calibration; QAT always uses moving-average fake-quantization")
-    percentile: float = Field(99.99, gt=50, le=100, description="observer percentile: the clipping percentile")
+    percentile: float = Field(99.999, gt=50, le=100, description="percentile observer: the percentile of |x| "
+                            "where the range is clipped (onnxruntime's and TensorRT's default 99.999)")
     bias_correction: bool = Field(False, description="PTQ: shift each Conv/Linear bias by the mean output error "
                               "between float and int8 on the calibration images")
     calibration_batches: int = Field(8, ge=1, description="PTQ: number of calib batches fed to the observers")
@@ -114,6 +115,8 @@ class AutopilotParams(Section):
     observers: list[Literal["histogram", "minmax", "moving_average", "percentile"]] = Field(
         default_factory=lambda: ["histogram", "minmax", "percentile"], min_length=1)
     bias_correction: list[bool] = Field(default_factory=lambda: [False, True], min_length=1)
+    max_parallel: int = Field(1, ge=1, description="recipes whose stages run at once: their torch work takes turns on "
+                              "one lock anyway, so more than 1 mostly adds memory (one model copy per recipe)")
 
 
 class QatParams(Section):

@@ -15,20 +15,43 @@ from torch.ao.quantization import (
 )
 
 
-class PercentileObserver(HistogramObserver):
-    """A histogram observer whose range is clipped at the `percentile` (and 100 - percentile) of what it saw."""
+class PercentileObserver(MinMaxObserver):
+    """Range at the `percentile` of |x| (clamped to the observed min and max), as onnxruntime's and TensorRT's
+    percentile calibration: only 100 - percentile % of the values seen, the largest in magnitude, are clipped.
 
-    def __init__(self, percentile: float = 99.99, **kwargs: Any) -> None:
+    Its own histogram of |x| over [0, max |x| seen] in `bins` bins; a batch with a larger magnitude widens the
+    range and re-bins what was seen (each old bin's count goes to the new bin its centre falls into). torch's
+    HistogramObserver is not used for this: it clips each tail at the percentile separately and its histogram
+    merges are coarse."""
+
+    def __init__(self, percentile: float = 99.999, bins: int = 2048, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.percentile = percentile
+        self.percentile, self.bins = percentile, bins
+        self.register_buffer("histogram", torch.zeros(bins))
+        self.register_buffer("magnitude", torch.zeros(()))
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        x = x_orig.detach().float().abs()
+        top = x.max()
+        if top > self.magnitude:
+            if self.histogram.sum() > 0:
+                centres = (torch.arange(self.bins) + 0.5) * (self.magnitude / self.bins)
+                index = torch.clamp((centres / top * self.bins).long(), max=self.bins - 1)
+                self.histogram.copy_(torch.zeros(self.bins).index_add_(0, index, self.histogram))
+            self.magnitude.copy_(top)
+        if self.magnitude > 0:
+            self.histogram += torch.histc(x, self.bins, 0, float(self.magnitude))
+        return super().forward(x_orig)
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.min_val == float("inf"):
+        if self.min_val == float("inf") or self.histogram.sum() == 0:
             return super().calculate_qparams()
-        cdf = torch.cumsum(self.histogram, 0) / self.histogram.sum().clamp(min=1)
-        edges = torch.linspace(float(self.min_val), float(self.max_val), self.bins + 1)
-        low = edges[int(torch.searchsorted(cdf, (100 - self.percentile) / 100))]
-        high = edges[min(int(torch.searchsorted(cdf, self.percentile / 100)) + 1, self.bins)]
+        cdf = torch.cumsum(self.histogram, 0) / self.histogram.sum()
+        index = min(int(torch.searchsorted(cdf, torch.tensor(self.percentile / 100))), self.bins - 1)
+        threshold = (index + 1) * self.magnitude / self.bins  # the bin's upper edge
+        low, high = torch.clamp(-threshold, min=self.min_val), torch.clamp(threshold, max=self.max_val)
         return self._calculate_qparams(torch.min(low, torch.zeros(())), torch.max(high, torch.zeros(())))
 
 

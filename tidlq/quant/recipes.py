@@ -67,7 +67,7 @@ class Recipe:
 
     preset: str = "tidl"
     observer: str = "histogram"
-    percentile: float = 99.99
+    percentile: float = 99.999
     power_of_2: bool = False
 
     @property
