@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint bench clean stack-up stack-down deploy worker repro dvc-remote results-storage
+.PHONY: run test lint bench zoo-deps clean stack-up stack-down deploy worker repro dvc-remote results-storage
 
 # Deployments (prefect.yaml) on a process work pool; the nightly schedule is a cron string in UTC.
 WORK_POOL    ?= tidlq-local
@@ -26,6 +26,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# torchvision's model definitions for benchmarks/zoo.py and autopilot_memory.py (never a tidlq dependency): the
+# wheel is a CUDA build whose C ops do not load against the CPU torch, so --no-deps keeps pip off torch.
+zoo-deps: $(STAMP)
+	$(BIN)/pip install -q --no-deps torchvision==0.28.0
 
 lint: $(STAMP)
 	$(BIN)/ruff check flows tidlq infra tests benchmarks
