@@ -33,6 +33,25 @@ def test_fx_graph_mode_quantization_still_ships() -> None:
         assert callable(getattr(quantize_fx, name))
 
 
+def test_quantized_models_do_not_outlive_their_stage() -> None:
+    """torch 2.13 caches every module prepare_fx / convert_fx sees (functools.cache on torch.ao's
+    assert_and_get_unique_device): without `quantized_engine` clearing it, each autopilot recipe would keep its
+    models alive for the whole run."""
+    import gc
+    import weakref
+
+    from tidlq.quant import recipes
+
+    with fx.quantized_engine("qnnpack"):
+        prepared = fx.prepare(MobileNetV2Tiny(), recipes.Recipe(), False, [1, 1, 16, 16], "mobilenet_v2_tiny")
+        prepared(torch.rand(2, 1, 16, 16))
+        int8 = fx.convert(prepared)
+        alive = [weakref.ref(prepared), weakref.ref(int8)]
+    del prepared, int8
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None]
+
+
 def test_float_onnx_matches_torch(base: dict[str, Path]) -> None:
     m = files.read_json(base["float"] / "float_metrics.json")
     assert m["onnx"]["max_abs_diff"] < 1e-4
