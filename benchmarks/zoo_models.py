@@ -16,12 +16,13 @@ from typing import Any
 
 from torch import nn
 
-# name -> (torchvision builder, its keyword arguments besides num_classes, what it brings that ours do not)
-ZOO: dict[str, tuple[str, dict[str, Any], str]] = {
-    "resnet18": ("resnet18", {}, "residual adds, max pool"),
-    "mobilenet_v2_w05": ("mobilenet_v2", {"width_mult": 0.5}, "inverted residuals, ReLU6"),
-    "mobilenet_v3_small": ("mobilenet_v3_small", {}, "SE blocks, Hardswish, Hardsigmoid"),
-    "shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", {}, "channel shuffle, channel split"),
+# name -> (torchvision builder, its keyword arguments besides num_classes, what it brings that ours do not,
+#          (float training epochs, learning rate) that benchmarks/zoo.py trains it with)
+ZOO: dict[str, tuple[str, dict[str, Any], str, tuple[int, float]]] = {
+    "resnet18": ("resnet18", {}, "residual adds, max pool", (12, 0.05)),
+    "mobilenet_v2_w05": ("mobilenet_v2", {"width_mult": 0.5}, "inverted residuals, ReLU6", (20, 0.02)),
+    "mobilenet_v3_small": ("mobilenet_v3_small", {}, "SE blocks, Hardswish, Hardsigmoid", (16, 0.05)),
+    "shufflenet_v2_x0_5": ("shufflenet_v2_x0_5", {}, "channel shuffle, channel split", (16, 0.05)),
 }
 
 
@@ -33,7 +34,7 @@ def torchvision_models() -> types.ModuleType:
 
 def build(name: str, num_classes: int = 10) -> nn.Module:
     """A zoo model with `num_classes` outputs, random init."""
-    builder, kwargs, _ = ZOO[name]
+    builder, kwargs, _, _ = ZOO[name]
     return getattr(torchvision_models(), builder)(num_classes=num_classes, **kwargs)
 
 
