@@ -50,11 +50,29 @@ def stage_task(name: str) -> Task:
     stage = graph.BY_NAME[name]
 
     def build_stage(root: Path, key: str, params: Params, upstream: list[cache.Manifest]) -> cache.Manifest:
-        return graph.build(stage, params, upstream, cache.stage_dir(root, name, key))
+        try:
+            return graph.build(stage, params, upstream, cache.stage_dir(root, name, key))
+        finally:
+            release_memory()
 
     build_stage.__doc__ = f"Stage {name}: `{stage.module}.run` through the stage cache."
     return task(name=name, cache_key_fn=lambda _context, parameters: parameters["key"],
                 persist_result=True)(build_stage)
+
+
+def release_memory() -> None:
+    """Give the memory a finished stage freed back to the system: collect its reference cycles (torch.fx graphs
+    have many), then glibc's malloc_trim. Prefect runs tasks on a pool of threads, each with its own malloc arena,
+    and without the trim every arena keeps the peak of the stages that ran on it (the autopilot's recipes)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:  # glibc only
+        trim(0)
 
 
 class StageRunner:
